@@ -1,0 +1,152 @@
+"""What every encoder returns, the clip-encoder interface, and the exported ``encoder.pt``.
+
+Backbones (``models/encoders``) map one modality tensor ``(B, C, T, H, W)`` (keypoints:
+``(B, C, T, J)``) to an :class:`EncoderOutput`. A *clip encoder* maps a clip dict
+``{modality: tensor}`` to an :class:`EncoderOutput`: :class:`ModalityEncoder` wraps one backbone
+for one modality; fusion teachers combine several. Everything the evaluation engine, the
+distillation module and the next stage load is a clip encoder exported by :func:`export_encoder`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+import mmfsar
+
+EXPORT_FORMAT = 1
+
+
+@dataclass
+class EncoderOutput:
+    """Features of a batch of clips.
+
+    pooled: (B, D) clip feature (ViT: LayerNorm of the mean of visible tokens).
+    frames: (B, T', D) per-frame features (one per temporal slot; Lite-MKD's fusion needs them).
+    tokens: (B, N_visible, D) token sequence, only when asked for (ViT).
+    mask: (B, N) bool, True where a token was dropped (ViT with masking), else None.
+    logits: (B, C) base-class logits when the encoder carries a classifier head, else None.
+    """
+
+    pooled: torch.Tensor
+    frames: torch.Tensor
+    tokens: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+    def with_logits(self, logits: torch.Tensor | None) -> "EncoderOutput":
+        return replace(self, logits=logits)
+
+
+class ModalityEncoder(nn.Module):
+    """One backbone on one modality of a clip, with an optional base-class classifier head.
+
+    The head is what pretraining trains with cross-entropy; kept in the export, it gives
+    distillation its teacher logits.
+    """
+
+    def __init__(self, *, modality: str, backbone: nn.Module, num_classes: int = 0) -> None:
+        super().__init__()
+        self.modality = modality
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.feature_dim, num_classes) if num_classes else None
+
+    @property
+    def modalities(self) -> list[str]:
+        return [self.modality]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.backbone.feature_dim
+
+    def forward(self, inputs: Mapping[str, torch.Tensor], **kwargs: Any) -> EncoderOutput:
+        if self.modality not in inputs:
+            raise KeyError(f"encoder needs modality {self.modality!r}, inputs have {sorted(inputs)}")
+        out = self.backbone(inputs[self.modality], **kwargs)
+        return out.with_logits(self.head(out.pooled) if self.head is not None else None)
+
+
+def export_encoder(
+    path: str | Path,
+    encoder: nn.Module,
+    *,
+    encoder_config: Mapping[str, Any],
+    modalities: Mapping[str, Mapping[str, Any]],
+    frames: Mapping[str, Any],
+    info: Mapping[str, Any] | None = None,
+) -> Path:
+    """Save a clip encoder with everything needed to rebuild it and feed it.
+
+    ``encoder_config`` is a Hydra config (with ``_target_``) that builds ``encoder`` exactly;
+    ``modalities`` / ``frames`` are the configs of the input pipeline it was trained with. The
+    file holds only tensors and plain containers, so ``torch.load(weights_only=True)`` reads it.
+    Written atomically (a temporary file renamed into place).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": EXPORT_FORMAT,
+        "mmfsar_version": mmfsar.__version__,
+        "encoder": _plain(encoder_config),
+        "modalities": _plain(modalities),
+        "frames": _plain(frames),
+        "feature_dim": int(encoder.feature_dim),
+        "info": _plain(info or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_export(path: str | Path) -> dict[str, Any]:
+    """Read an exported encoder file (weights-only), with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder file not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable mmfsar encoder file: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT or "encoder" not in payload:
+        raise ValueError(
+            f"{path} is not an mmfsar encoder export (format {EXPORT_FORMAT}); "
+            "pass the encoder.pt written at the end of a pretraining or distillation run"
+        )
+    return payload
+
+
+def build_encoder(payload: Mapping[str, Any] | str | Path) -> nn.Module:
+    """Rebuild a clip encoder from :func:`export_encoder`'s file (or its loaded payload)."""
+    from hydra.utils import instantiate
+
+    if not isinstance(payload, Mapping):
+        payload = load_export(payload)
+    encoder = instantiate(payload["encoder"], _convert_="all")
+    missing, unexpected = encoder.load_state_dict(payload["state_dict"], strict=False)
+    if missing or unexpected:
+        raise ValueError(f"encoder weights do not fit its config: missing {missing}, unexpected {unexpected}")
+    return encoder
+
+
+def _plain(obj: Any) -> Any:
+    """OmegaConf / tuples -> plain dicts and lists (weights-only loadable)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
