@@ -81,7 +81,8 @@ def export_encoder(
 ) -> Path:
     """Save a clip encoder with everything needed to rebuild it and feed it.
 
-    ``encoder_config`` is a Hydra config (with ``_target_``) that builds ``encoder`` exactly;
+    ``encoder_config`` is a Hydra config (with ``_target_``) that builds ``encoder`` exactly
+    (its ``pretrained`` weight-file paths are cleared: the trained weights are in the file);
     ``modalities`` / ``frames`` are the configs of the input pipeline it was trained with. The
     file holds only tensors and plain containers, so ``torch.load(weights_only=True)`` reads it.
     Written atomically (a temporary file renamed into place).
@@ -91,7 +92,7 @@ def export_encoder(
     payload = {
         "format": EXPORT_FORMAT,
         "mmfsar_version": mmfsar.__version__,
-        "encoder": _plain(encoder_config),
+        "encoder": _without_pretrained(_plain(encoder_config)),
         "modalities": _plain(modalities),
         "frames": _plain(frames),
         "feature_dim": int(encoder.feature_dim),
@@ -132,6 +133,15 @@ def build_encoder(payload: Mapping[str, Any] | str | Path) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"encoder weights do not fit its config: missing {missing}, unexpected {unexpected}")
     return encoder
+
+
+def _without_pretrained(cfg: Any) -> Any:
+    """Every ``pretrained`` key set to None, recursively."""
+    if isinstance(cfg, dict):
+        return {k: None if k == "pretrained" else _without_pretrained(v) for k, v in cfg.items()}
+    if isinstance(cfg, list):
+        return [_without_pretrained(v) for v in cfg]
+    return cfg
 
 
 def _plain(obj: Any) -> Any:

@@ -1,0 +1,272 @@
+"""LightningDataModules of the three stages.
+
+* :class:`TrainingDataModule` (aliases :class:`PretrainDataModule`, :class:`DistillDataModule`):
+  labelled **source** clips and/or unlabelled **target** clips of the **base** classes for
+  training, and all clips of the **val** classes (one domain) with a fixed episode set for
+  validation. It has no way to reach novel classes.
+* :class:`FewShotDataModule`: the clips of the **novel** (or, on request, val) classes of one
+  domain, plus the episode set over them; used by evaluation only.
+
+Both check, in ``setup``, that every file the selected clips need exists (naming each missing
+clip and file) and that the episodes can be drawn, before any training starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from mmfsar.data.dataset import ClipDataset
+from mmfsar.data.episodes import EpisodeSampler, EpisodeSet, EpisodeSettings
+from mmfsar.data.errors import DataError
+from mmfsar.data.meta import ANNOTATION_FILE, ClipRecord, DatasetFolder
+from mmfsar.data.modalities import Modality
+from mmfsar.data.transforms import ClipAugmentation, UniformSegments
+
+log = logging.getLogger(__name__)
+
+
+def missing_files(records: list[ClipRecord], modalities: Mapping[str, Modality], limit: int = 20) -> list[str]:
+    """Every (clip, modality) whose file or folder does not exist (stat only, no decoding)."""
+    problems = []
+    seen: set[tuple[str, str]] = set()
+    for rec in records:
+        for name, m in modalities.items():
+            if (name, rec.video) in seen:
+                continue
+            seen.add((name, rec.video))
+            path = m.reader.locate(rec.video)
+            if not path.exists():
+                problems.append(f"clip {rec.clip_id!r}: {name} file not found: {path}")
+    if len(problems) > limit:
+        problems = problems[:limit] + [f"... and {len(problems) - limit} more"]
+    return problems
+
+
+class ClipDataModule(L.LightningDataModule):
+    """Shared machinery: dataset folder, synthetic generation on first use, modalities, loaders.
+
+    Args:
+        root: dataset folder (see DATA_STRUCTURE.md).
+        modalities: modality plug-ins by name (bound to the dataset in ``setup``).
+        frames: temporal sampler; augmentation: spatial augmentation for training clips.
+        generator: synthetic-generator settings; when given, the dataset is generated at ``root``
+            on first use (``prepare_data``, rank 0 only).
+        batch_size / eval_batch_size / num_workers: loader settings.
+    """
+
+    def __init__(
+        self,
+        *,
+        root: str | Path,
+        modalities: Mapping[str, Modality],
+        frames: UniformSegments | None = None,
+        augmentation: ClipAugmentation | None = None,
+        annotation_file: str = ANNOTATION_FILE,
+        generator: Mapping[str, Any] | None = None,
+        source_domain: str = "source",
+        target_domain: str = "target",
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+    ) -> None:
+        super().__init__()
+        if not modalities:
+            raise DataError("no modality selected (config key `modality`)")
+        self.root = Path(root)
+        self.modalities = dict(modalities)
+        self.frames = frames or UniformSegments()
+        self.augmentation = augmentation or ClipAugmentation()
+        self.annotation_file = annotation_file
+        self.generator = dict(generator) if generator else None
+        self.source_domain = source_domain
+        self.target_domain = target_domain
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.folder: DatasetFolder | None = None
+
+    def prepare_data(self) -> None:
+        if self.generator is not None:
+            from mmfsar.data.synthetic import ensure_synthetic
+
+            ensure_synthetic(self.root, self.generator)
+
+    def _open(self) -> DatasetFolder:
+        if self.folder is None:
+            self.folder = DatasetFolder.open(self.root, self.annotation_file)
+            for m in self.modalities.values():
+                m.bind(self.folder)
+        return self.folder
+
+    @property
+    def channels(self) -> dict[str, int]:
+        """Input channels per modality (known once the dataset is open)."""
+        self._open()
+        return {k: m.channels for k, m in self.modalities.items()}
+
+    def _dataset(self, records: list[ClipRecord], *, train: bool, labels: Mapping[str, int] | None) -> ClipDataset:
+        problems = missing_files(records, self.modalities)
+        if problems:
+            raise DataError(f"{self.root}: missing files:\n" + "\n".join(problems))
+        size = self.folder.meta.frame_size
+        return ClipDataset(
+            records,
+            self.modalities,
+            self.frames,
+            train=train,
+            labels=labels,
+            augmentation=self.augmentation,
+            aspect=size[1] / size[0] if size else 1.0,
+        )
+
+    def _loader(self, dataset: ClipDataset, *, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train and len(dataset) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _episodes(self, records: list[ClipRecord], settings: EpisodeSettings, what: str) -> EpisodeSet:
+        try:
+            return EpisodeSampler([r.clip_id for r in records], [r.label_name for r in records], settings).sample()
+        except DataError as exc:
+            raise DataError(f"{what} ({self.root}): {exc}") from None
+
+
+class TrainingDataModule(ClipDataModule):
+    """Base-class clips for training, val-class episodes for validation.
+
+    Args:
+        labelled_source: train on labelled source-domain clips of the base classes.
+        unlabelled_target: train on target-domain clips of the base classes, without labels.
+        val_domain: domain of the validation clips (val classes).
+        val_episodes: episode settings for validation (n_way, k_shot, n_query, episodes, seed).
+
+    The train loader yields ``{"source": batch, "target": batch}`` (whichever are enabled,
+    cycling the shorter one).
+    """
+
+    def __init__(
+        self,
+        *,
+        labelled_source: bool = True,
+        unlabelled_target: bool = False,
+        val_domain: str = "target",
+        val_episodes: Mapping[str, int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not (labelled_source or unlabelled_target):
+            raise DataError("data: enable labelled_source and/or unlabelled_target, or there is nothing to train on")
+        self.labelled_source = labelled_source
+        self.unlabelled_target = unlabelled_target
+        self.val_domain = val_domain
+        self.val_settings = EpisodeSettings(**(val_episodes or {"n_way": 5, "k_shot": 1, "n_query": 5, "episodes": 200}))
+        self.train_sets: dict[str, ClipDataset] = {}
+        self.val_set: ClipDataset | None = None
+        self.val_episodes: EpisodeSet | None = None
+
+    @property
+    def base_classes(self) -> list[str]:
+        return self._open().meta.classes_of("base")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_sets:
+            return
+        folder = self._open()
+        labels = {c: i for i, c in enumerate(self.base_classes)}
+        if self.labelled_source:
+            recs = folder.select(splits=["base"], domains=[self.source_domain])
+            if not recs:
+                raise DataError(f"{self.root}: no base-class clips in domain {self.source_domain!r}")
+            self.train_sets["source"] = self._dataset(recs, train=True, labels=labels)
+        if self.unlabelled_target:
+            recs = folder.select(splits=["base"], domains=[self.target_domain])
+            if not recs:
+                raise DataError(f"{self.root}: no base-class clips in domain {self.target_domain!r}")
+            self.train_sets["target"] = self._dataset(recs, train=True, labels=None)
+        val = folder.select(splits=["val"], domains=[self.val_domain])
+        self.val_episodes = self._episodes(val, self.val_settings, "validation episodes (val classes)")
+        self.val_set = self._dataset(val, train=False, labels={c: i for i, c in enumerate(folder.meta.classes_of("val"))})
+        log.info(
+            "training clips: %s; validation: %d clips of %d val classes, %d episodes",
+            {k: len(v) for k, v in self.train_sets.items()},
+            len(val),
+            len(self.val_episodes.class_names),
+            len(self.val_episodes),
+        )
+
+    def train_dataloader(self) -> dict[str, DataLoader]:
+        return {k: self._loader(ds, train=True) for k, ds in self.train_sets.items()}
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+
+class PretrainDataModule(TrainingDataModule):
+    """Stage 1: labelled source clips (+ unlabelled target clips for target reconstruction)."""
+
+
+class DistillDataModule(TrainingDataModule):
+    """Stage 2: unlabelled target clips (MM-CDFSL) and/or labelled source clips (Lite-MKD)."""
+
+    def __init__(self, *, labelled_source: bool = False, unlabelled_target: bool = True, **kwargs: Any) -> None:
+        super().__init__(labelled_source=labelled_source, unlabelled_target=unlabelled_target, **kwargs)
+
+
+class FewShotDataModule(ClipDataModule):
+    """Clips of the novel (or val) classes of one domain, and the episodes over them.
+
+    ``episode_file``: load the episodes from this file instead of drawing them (its clips must
+    belong to the split). The test loader lists every clip of the split once, in clip-id order.
+    """
+
+    def __init__(
+        self,
+        *,
+        split: str = "novel",
+        domain: str = "target",
+        episodes: Mapping[str, int] | None = None,
+        episode_file: str | Path | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if split not in ("novel", "val"):
+            raise DataError(f"fewshot.split must be 'novel' or 'val', got {split!r}")
+        self.split = split
+        self.domain = domain
+        self.settings = EpisodeSettings(**(episodes or {}))
+        self.episode_file = Path(episode_file) if episode_file else None
+        self.clips: ClipDataset | None = None
+        self.episodes: EpisodeSet | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.clips is not None:
+            return
+        folder = self._open()
+        recs = folder.select(splits=[self.split], domains=[self.domain])
+        if not recs:
+            raise DataError(f"{self.root}: no clips of split {self.split!r} in domain {self.domain!r}")
+        if self.episode_file is not None:
+            self.episodes = EpisodeSet.load(self.episode_file)
+            self.episodes.check_clips([r.clip_id for r in recs])
+        else:
+            self.episodes = self._episodes(recs, self.settings, f"{self.split} episodes, domain {self.domain}")
+        wanted = set(self.episodes.clip_ids)
+        recs = [r for r in recs if r.clip_id in wanted]
+        labels = {c: i for i, c in enumerate(folder.meta.classes_of(self.split))}
+        self.clips = self._dataset(recs, train=False, labels=labels)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.clips, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()

@@ -1,0 +1,147 @@
+"""Temporal sampling and clip-consistent spatial transforms.
+
+Every modality of one clip is sampled at the same frame indices and cropped / flipped with the
+same :class:`SpatialParams`; each modality applies them with its own semantics (a flip negates
+flow-x and swaps left/right pose joints), so the streams of a clip always stay aligned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmfsar.data.errors import DataError
+
+
+@dataclass(frozen=True)
+class UniformSegments:
+    """TSN-style sampling: split ``[start, end)`` into ``num_frames`` equal segments, one frame each.
+
+    Training (``jitter=True``) takes a uniformly random frame inside each segment; evaluation takes
+    each segment's centre frame. **Short clips** (fewer frames than ``num_frames``) are handled by
+    the same rule without jitter: segment centres then fall on every frame in turn, so each frame
+    is repeated ``num_frames / length`` times in temporal order (nearest-neighbour temporal
+    up-sampling). ``min_frames`` turns clips shorter than that into an error instead.
+    """
+
+    num_frames: int = 8
+    min_frames: int = 1
+
+    def __post_init__(self) -> None:
+        if self.num_frames < 1:
+            raise DataError(f"data.frames.num_frames must be >= 1, got {self.num_frames}")
+
+    def __call__(self, start: int, end: int, *, jitter: bool, clip_id: str = "?") -> np.ndarray:
+        length = end - start
+        if length < max(1, self.min_frames):
+            raise DataError(
+                f"clip {clip_id!r} has {length} frames, fewer than data.frames.min_frames={self.min_frames}"
+            )
+        edges = np.linspace(0.0, length, self.num_frames + 1)
+        if jitter and length >= self.num_frames:
+            u = torch.rand(self.num_frames, dtype=torch.float64).numpy()
+            pos = edges[:-1] + u * (edges[1:] - edges[:-1])
+        else:
+            pos = (edges[:-1] + edges[1:]) / 2.0
+        return start + np.minimum(np.floor(pos).astype(np.int64), length - 1)
+
+
+@dataclass(frozen=True)
+class SpatialParams:
+    """A crop box as fractions of the frame (so it fits modalities stored at any resolution)."""
+
+    top: float = 0.0
+    left: float = 0.0
+    height: float = 1.0
+    width: float = 1.0
+    flip: bool = False
+
+    def extent(self, frame_h: int, frame_w: int) -> tuple[float, float, float, float]:
+        """Exact (top, left, height, width) of the box in pixels of a ``frame_h x frame_w`` grid."""
+        return self.top * frame_h, self.left * frame_w, self.height * frame_h, self.width * frame_w
+
+    def box(self, frame_h: int, frame_w: int) -> tuple[int, int, int, int]:
+        """Integer (top, left, height, width) of the box in a ``frame_h x frame_w`` grid."""
+        t = int(round(self.top * frame_h))
+        left = int(round(self.left * frame_w))
+        h = max(1, min(frame_h - t, int(round(self.height * frame_h))))
+        w = max(1, min(frame_w - left, int(round(self.width * frame_w))))
+        return t, left, h, w
+
+
+@dataclass(frozen=True)
+class ClipAugmentation:
+    """Samples one :class:`SpatialParams` per clip.
+
+    Training: a random square crop whose area is ``[min_scale, 1]`` of the largest centred
+    square, anywhere in the frame, flipped horizontally with probability ``flip_prob``.
+    Evaluation: the largest centred square, never flipped.
+    """
+
+    min_scale: float = 0.6
+    flip_prob: float = 0.5
+
+    def sample(self, aspect: float, *, train: bool) -> SpatialParams:
+        """``aspect`` = frame width / height."""
+        side_h, side_w = (1.0, 1.0 / aspect) if aspect >= 1 else (aspect, 1.0)
+        if not train:
+            return SpatialParams((1 - side_h) / 2, (1 - side_w) / 2, side_h, side_w, False)
+        r = torch.rand(4).tolist()
+        s = math.sqrt(self.min_scale + (1 - self.min_scale) * r[0])
+        h, w = side_h * s, side_w * s
+        return SpatialParams(r[1] * (1 - h), r[2] * (1 - w), h, w, r[3] < self.flip_prob)
+
+
+def crop_resize(frames: torch.Tensor, params: SpatialParams, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """(T, C, H, W) -> (T, C, size, size): resample the box, flip.
+
+    The box is taken at its exact, fractional position in this stream's pixels (not rounded to
+    whole pixels), so streams stored at different resolutions map every output pixel to the same
+    point of the scene: rounding the box of a half-resolution stream would misalign it by up to
+    ~2 output pixels. Output pixel ``u`` samples the stored frame at ``x = left + (u + 0.5) *
+    width / size - 0.5`` (pixel centres, the convention of ``F.interpolate(align_corners=False)``);
+    a box on whole pixels with side ``size`` is a plain slice.
+    """
+    H, W = frames.shape[-2], frames.shape[-1]
+    t, left, h, w = params.extent(H, W)
+    if all(abs(v - round(v)) < 1e-6 for v in (t, left, h, w)) and round(h) == round(w) == size:
+        x = frames[..., round(t) : round(t) + size, round(left) : round(left) + size]
+    else:
+        u = (torch.arange(size, dtype=torch.float64) + 0.5) / size  # output pixel centres, box fractions
+        gx = (left + u * w) / W * 2 - 1  # normalised grid coordinates (align_corners=False)
+        gy = (t + u * h) / H * 2 - 1
+        grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1).to(frames.dtype)
+        grid = grid.expand(frames.shape[0], size, size, 2)
+        x = F.grid_sample(frames, grid, mode=mode, padding_mode="border", align_corners=False)
+    if params.flip:
+        x = x.flip(-1)
+    return x
+
+
+def transform_keypoints(
+    xy: torch.Tensor, params: SpatialParams, frame_hw: tuple[int, int], size: int
+) -> torch.Tensor:
+    """Pixel coordinates (..., 2) in the stored frame -> pixel coordinates in the output grid.
+
+    Uses the same exact box and pixel-centre convention as :func:`crop_resize`, so a keypoint on
+    a pixel of the image lands on the same pixel of the cropped, resized, flipped image.
+    """
+    t, left, h, w = params.extent(*frame_hw)
+    x = (xy[..., 0] - left + 0.5) * (size / w) - 0.5
+    y = (xy[..., 1] - t + 0.5) * (size / h) - 0.5
+    if params.flip:
+        x = size - 1 - x
+    return torch.stack([x, y], dim=-1)
+
+
+def gaussian_heatmaps(xy: torch.Tensor, weight: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
+    """(T, J, 2) pixel coordinates and (T, J) weights -> (J, T, size, size) Gaussian heatmaps."""
+    grid = torch.arange(size, dtype=xy.dtype)
+    gx = torch.exp(-((grid - xy[..., 0:1]) ** 2) / (2 * sigma**2))  # (T, J, S)
+    gy = torch.exp(-((grid - xy[..., 1:2]) ** 2) / (2 * sigma**2))
+    maps = gy[..., :, None] * gx[..., None, :] * weight[..., None, None]  # (T, J, S, S)
+    return maps.permute(1, 0, 2, 3).contiguous()

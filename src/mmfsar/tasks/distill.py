@@ -1,0 +1,160 @@
+"""Stage 2: distil frozen teachers into an RGB student (MM-CDFSL, Lite-MKD and relatives).
+
+The loss is a weighted sum of plug-in terms (``model.losses``: translation MSE, logit KD,
+relation, contrastive, CE), each owning its trainable heads. Teachers are frozen by
+construction: kept outside the module's registered children (so they are in no optimiser, no
+checkpoint and no DDP wrapper), always in ``eval()``, run under ``torch.inference_mode()`` (in
+bf16 on GPU). Student and teachers see the same clips and, with ``mask_ratio > 0``, the same
+tube mask (MM-CDFSL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Mapping
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+
+from mmfsar.data.errors import DataError
+from mmfsar.fewshot.engine import masking_grid
+from mmfsar.losses.distill import DistillBatch, DistillSpec
+from mmfsar.models.base import EncoderOutput, build_encoder, load_export
+from mmfsar.tasks.common import TrainingModule, build_partial, encoder_inputs, modality_encoder_config, to_plain
+from mmfsar.tasks.fusion import exported_modalities
+
+
+class DistillModule(TrainingModule):
+    """Args:
+    student: the clip encoder being trained (one modality, RGB for the published methods).
+    student_config: Hydra config that rebuilds the student (for the export).
+    teachers: frozen clip encoders by name.
+    terms: loss terms by name (each with a ``weight``).
+    mask_ratio: shared tube-mask ratio (0: no masking).
+    """
+
+    def __init__(
+        self,
+        *,
+        student: nn.Module,
+        student_config: Mapping[str, Any],
+        teachers: Mapping[str, nn.Module],
+        terms: Mapping[str, nn.Module],
+        mask_ratio: float = 0.0,
+        **optim: Any,
+    ) -> None:
+        super().__init__(**optim)
+        if not teachers:
+            raise DataError("model.teachers: give at least one exported teacher (name=path/to/encoder.pt)")
+        if not terms:
+            raise DataError("model.losses: no loss term selected")
+        self.student = student
+        self.student_config = dict(student_config)
+        self.terms = nn.ModuleDict(terms)
+        self.mask_ratio = mask_ratio
+        self.teachers = _FrozenTeachers(teachers)
+        self.grid = None
+        if mask_ratio > 0:
+            grids = {"student": masking_grid(student)} | {n: masking_grid(t) for n, t in teachers.items()}
+            if len(set(grids.values())) != 1:
+                raise DataError(f"a shared tube mask needs one token grid, got {grids}")
+            self.grid = grids["student"]
+
+    @classmethod
+    def modality_configs(cls, model_cfg: DictConfig, modalities: DictConfig) -> dict[str, dict[str, Any]]:
+        paths = dict(model_cfg.teachers or {})
+        if model_cfg.init_from:
+            paths["student"] = model_cfg.init_from
+        return exported_modalities(paths, modalities)
+
+    @classmethod
+    def build(cls, cfg: DictConfig, datamodule: Any) -> "DistillModule":
+        modality = cfg.student_modality
+        if modality not in datamodule.modalities:
+            raise DataError(f"model.student_modality={modality!r} is not among the loaded modalities {sorted(datamodule.modalities)}")
+        if cfg.init_from:
+            payload = load_export(cfg.init_from)
+            student_cfg = {**payload["encoder"], "num_classes": 0}
+            if student_cfg.get("modality") != modality:
+                raise DataError(f"model.init_from={cfg.init_from} is a {student_cfg.get('modality')!r} encoder, not {modality!r}")
+            student = instantiate(student_cfg, _convert_="all")
+            weights = {k: v for k, v in payload["state_dict"].items() if not k.startswith("head.")}
+            student.load_state_dict(weights)
+        else:
+            student_cfg = modality_encoder_config(cfg.encoder, modality, encoder_inputs(datamodule, modality))
+            student = instantiate(student_cfg, _convert_="all")
+        teachers = {name: build_encoder(path) for name, path in cfg.teachers.items()}
+        spec = DistillSpec(
+            student_dim=student.feature_dim,
+            teacher_dims={n: t.feature_dim for n, t in teachers.items()},
+            num_classes=len(datamodule.base_classes) if datamodule.labelled_source else 0,
+        )
+        terms = {name: instantiate(term)(spec=spec) for name, term in (cfg.losses or {}).items() if term is not None}
+        return cls(
+            student=student,
+            student_config=student_cfg,
+            teachers=teachers,
+            terms=terms,
+            mask_ratio=cfg.mask_ratio,
+            optimizer=build_partial(cfg.optimizer),
+            scheduler=build_partial(cfg.scheduler),
+            scale_lr=cfg.scale_lr,
+            weight_decay=cfg.weight_decay,
+        )
+
+    def exported_encoder(self) -> tuple[nn.Module, dict[str, Any]]:
+        return self.student, self.student_config
+
+    def on_fit_start(self) -> None:
+        self.teachers.to(self.device)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        parts = [batch[k] for k in ("source", "target") if k in batch]
+        inputs = {m: torch.cat([p[m] for p in parts]) for m in self.teachers.modalities | set(self.student.modalities)}
+        labels = torch.cat([p["label"] for p in parts])
+        kwargs = {}
+        if self.grid is not None:
+            from mmfsar.models.encoders.vit import tube_mask
+
+            kwargs["mask"] = tube_mask(labels.shape[0], self.grid, self.mask_ratio, device=labels.device)
+        student = self.student(inputs, **kwargs)
+        teachers = self.teachers(inputs, **kwargs)
+        db = DistillBatch(student=student, teachers=teachers, labels=labels)
+        losses = {name: term(db) for name, term in self.terms.items()}
+        loss = sum(term.weight * losses[name] for name, term in self.terms.items())
+        bs = labels.shape[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        return loss
+
+    def validation_features(self, batch: dict[str, Any]) -> EncoderOutput:
+        return self.student({m: batch[m] for m in self.student.modalities})
+
+
+class _FrozenTeachers:
+    """Teachers held outside the module tree: never trained, never saved, never wrapped by DDP."""
+
+    def __init__(self, teachers: Mapping[str, nn.Module]) -> None:
+        self.models = {n: t.eval().requires_grad_(False) for n, t in teachers.items()}
+        self.modalities = {m for t in self.models.values() for m in t.modalities}
+
+    def to(self, device: torch.device) -> "_FrozenTeachers":
+        for t in self.models.values():
+            t.to(device)
+        return self
+
+    def __call__(self, inputs: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, EncoderOutput]:
+        device = next(iter(inputs.values())).device
+        out = {}
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for name, t in self.models.items():
+                out[name] = t.eval()(inputs, **kwargs)
+        # inference tensors cannot enter autograd graphs: copy them out as normal float tensors
+        return {n: _normal(o) for n, o in out.items()}
+
+
+def _normal(out: EncoderOutput) -> EncoderOutput:
+    values = {f.name: getattr(out, f.name) for f in fields(out)}
+    return EncoderOutput(**{k: v.float().clone() if torch.is_tensor(v) else v for k, v in values.items()})

@@ -1,0 +1,109 @@
+"""The fusion teacher: exported per-modality encoders, fused per frame (Lite-MKD's MFM or a
+concatenation baseline), trained with cross-entropy on the base classes."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from mmfsar.data.errors import DataError
+from mmfsar.models.base import EncoderOutput, build_encoder, load_export
+from mmfsar.models.fusion import FusionTeacher
+from mmfsar.tasks.common import TrainingModule, build_partial, probe_frames, to_plain
+
+
+def exported_modalities(paths: Mapping[str, str], configured: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Configured modalities plus those the exported encoders at ``paths`` were trained on.
+
+    An exported encoder must be fed exactly as it was trained, so its stored modality config is
+    used; a configured modality of the same name with different settings is an error.
+    """
+    out = dict(to_plain(configured) or {})
+    for name, path in paths.items():
+        for m, mcfg in load_export(path)["modalities"].items():
+            if m in out and out[m] != mcfg:
+                diff = sorted(k for k in set(out[m]) | set(mcfg) if out[m].get(k) != mcfg.get(k))
+                raise DataError(
+                    f"modality {m!r}: the configured settings differ from those encoder {name!r} ({path}) "
+                    f"was trained with, in keys {diff}; drop modality={m} or match modalities.{m}"
+                )
+            out[m] = mcfg
+    return out
+
+
+class FusionTeacherModule(TrainingModule):
+    """Trains the fusion (and, with ``freeze_encoders=False``, the encoders) of a
+    :class:`~mmfsar.models.fusion.FusionTeacher` on labelled source clips of the base classes."""
+
+    def __init__(self, *, teacher: nn.Module, teacher_config: Mapping[str, Any], **optim: Any) -> None:
+        super().__init__(**optim)
+        self.teacher = teacher
+        self.teacher_config = dict(teacher_config)
+        self.train_acc = MulticlassAccuracy(num_classes=teacher.head.out_features)
+
+    @classmethod
+    def modality_configs(cls, model_cfg: DictConfig, modalities: DictConfig) -> dict[str, dict[str, Any]]:
+        return exported_modalities(model_cfg.encoders, modalities)
+
+    @classmethod
+    def build(cls, cfg: DictConfig, datamodule: Any) -> "FusionTeacherModule":
+        if not cfg.encoders or len(cfg.encoders) < 2:
+            raise DataError("model.encoders: give at least two exported encoders, e.g. model.encoders.rgb=.../encoder.pt")
+        if not datamodule.labelled_source:
+            raise DataError("the fusion teacher trains on labelled source clips: set data.labelled_source=true")
+        datamodule.channels  # binds the modalities
+        encoders, configs = {}, {}
+        for name, path in cfg.encoders.items():
+            payload = load_export(path)
+            encoders[name], configs[name] = build_encoder(payload), payload["encoder"]
+        frames = {name: probe_frames(enc, datamodule) for name, enc in encoders.items()}
+        if len(set(frames.values())) != 1:
+            raise DataError(f"the encoders give different numbers of per-frame features {frames}; fusion needs one")
+        fusion_cfg = {
+            **to_plain(cfg.fusion),
+            "dims": {name: enc.feature_dim for name, enc in encoders.items()},
+            "num_frames": next(iter(frames.values())),
+        }
+        teacher_cfg = {
+            "_target_": "mmfsar.models.fusion.FusionTeacher",
+            "encoders": configs,
+            "fusion": fusion_cfg,
+            "num_classes": len(datamodule.base_classes),
+            "freeze_encoders": cfg.freeze_encoders,
+        }
+        teacher = FusionTeacher(
+            encoders=encoders,
+            fusion=instantiate(fusion_cfg, _convert_="all"),
+            num_classes=teacher_cfg["num_classes"],
+            freeze_encoders=cfg.freeze_encoders,
+        )
+        return cls(
+            teacher=teacher,
+            teacher_config=teacher_cfg,
+            optimizer=build_partial(cfg.optimizer),
+            scheduler=build_partial(cfg.scheduler),
+            scale_lr=cfg.scale_lr,
+            weight_decay=cfg.weight_decay,
+        )
+
+    def exported_encoder(self) -> tuple[nn.Module, dict[str, Any]]:
+        return self.teacher, self.teacher_config
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        src = batch["source"]
+        logits = self.teacher({m: src[m] for m in self.teacher.modalities}).logits
+        loss = F.cross_entropy(logits, src["label"])
+        self.train_acc(logits.detach(), src["label"])
+        bs = logits.shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        self.log("train/acc", self.train_acc, batch_size=bs)
+        return loss
+
+    def validation_features(self, batch: dict[str, Any]) -> EncoderOutput:
+        return self.teacher({m: batch[m] for m in self.teacher.modalities})
