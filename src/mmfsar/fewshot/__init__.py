@@ -1,0 +1,36 @@
+"""Few-shot evaluation on cached features: batched episode classifiers and statistics.
+
+Evaluation encodes each clip once; :func:`solve_episodes` then solves every episode of an
+:class:`~mmfsar.data.episodes.EpisodeSet` on the feature cache with one of the plug-in
+classifiers (``configs/fewshot/classifier/*.yaml``), and :func:`mean_confidence_interval`
+summarises the per-episode accuracies as ``mean ± 95% CI`` in percent.
+"""
+
+from mmfsar.fewshot.classifiers import (
+    EpisodeClassifier,
+    EpisodeHead,
+    FinetuneLinearClassifier,
+    LinearHead,
+    LogisticRegressionClassifier,
+    PrototypeClassifier,
+    check_episode_inputs,
+    episode_probabilities,
+    logistic_objective,
+    solve_episodes,
+)
+from mmfsar.fewshot.stats import format_mean_ci, mean_confidence_interval
+
+__all__ = [
+    "EpisodeClassifier",
+    "EpisodeHead",
+    "FinetuneLinearClassifier",
+    "LinearHead",
+    "LogisticRegressionClassifier",
+    "PrototypeClassifier",
+    "check_episode_inputs",
+    "episode_probabilities",
+    "format_mean_ci",
+    "logistic_objective",
+    "mean_confidence_interval",
+    "solve_episodes",
+]
