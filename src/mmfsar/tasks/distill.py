@@ -23,7 +23,7 @@ from mmfsar.fewshot.engine import masking_grid
 from mmfsar.losses.distill import DistillBatch, DistillSpec
 from mmfsar.models.base import EncoderOutput, build_encoder, load_export
 from mmfsar.tasks.common import TrainingModule, build_partial, encoder_inputs, modality_encoder_config, to_plain
-from mmfsar.tasks.fusion import exported_modalities
+from mmfsar.tasks.fusion import exported_modalities, given
 
 
 class DistillModule(TrainingModule):
@@ -64,7 +64,7 @@ class DistillModule(TrainingModule):
 
     @classmethod
     def modality_configs(cls, model_cfg: DictConfig, modalities: DictConfig) -> dict[str, dict[str, Any]]:
-        paths = dict(model_cfg.teachers or {})
+        paths = given(model_cfg.teachers)
         if model_cfg.init_from:
             paths["student"] = model_cfg.init_from
         return exported_modalities(paths, modalities)
@@ -85,7 +85,7 @@ class DistillModule(TrainingModule):
         else:
             student_cfg = modality_encoder_config(cfg.encoder, modality, encoder_inputs(datamodule, modality))
             student = instantiate(student_cfg, _convert_="all")
-        teachers = {name: build_encoder(path) for name, path in cfg.teachers.items()}
+        teachers = {name: build_encoder(path) for name, path in given(cfg.teachers).items()}
         spec = DistillSpec(
             student_dim=student.feature_dim,
             teacher_dims={n: t.feature_dim for n, t in teachers.items()},

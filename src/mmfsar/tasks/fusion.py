@@ -18,6 +18,11 @@ from mmfsar.models.fusion import FusionTeacher
 from mmfsar.tasks.common import TrainingModule, build_partial, probe_frames, to_plain
 
 
+def given(paths: Mapping[str, str | None] | None) -> dict[str, str]:
+    """The entries of a name -> exported-file mapping that are set (config slots may be null)."""
+    return {k: v for k, v in (paths or {}).items() if v is not None}
+
+
 def exported_modalities(paths: Mapping[str, str], configured: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Configured modalities plus those the exported encoders at ``paths`` were trained on.
 
@@ -25,7 +30,7 @@ def exported_modalities(paths: Mapping[str, str], configured: Mapping[str, Any])
     used; a configured modality of the same name with different settings is an error.
     """
     out = dict(to_plain(configured) or {})
-    for name, path in paths.items():
+    for name, path in given(paths).items():
         for m, mcfg in load_export(path)["modalities"].items():
             if m in out and out[m] != mcfg:
                 diff = sorted(k for k in set(out[m]) | set(mcfg) if out[m].get(k) != mcfg.get(k))
@@ -49,17 +54,18 @@ class FusionTeacherModule(TrainingModule):
 
     @classmethod
     def modality_configs(cls, model_cfg: DictConfig, modalities: DictConfig) -> dict[str, dict[str, Any]]:
-        return exported_modalities(model_cfg.encoders, modalities)
+        return exported_modalities(model_cfg.encoders, {})
 
     @classmethod
     def build(cls, cfg: DictConfig, datamodule: Any) -> "FusionTeacherModule":
-        if not cfg.encoders or len(cfg.encoders) < 2:
+        paths = given(cfg.encoders)
+        if len(paths) < 2:
             raise DataError("model.encoders: give at least two exported encoders, e.g. model.encoders.rgb=.../encoder.pt")
         if not datamodule.labelled_source:
             raise DataError("the fusion teacher trains on labelled source clips: set data.labelled_source=true")
         datamodule.channels  # binds the modalities
         encoders, configs = {}, {}
-        for name, path in cfg.encoders.items():
+        for name, path in paths.items():
             payload = load_export(path)
             encoders[name], configs[name] = build_encoder(payload), payload["encoder"]
         frames = {name: probe_frames(enc, datamodule) for name, enc in encoders.items()}
