@@ -29,6 +29,8 @@ class Modality(ABC):
             representations of one stored stream can coexist (pose heatmaps and keypoints).
         size: output height and width in pixels.
         reader_options: overrides of the storage options found in ``meta.json``.
+        encoder_args: extra arguments for the encoder of this stream (e.g. ``patch_size: 4`` for
+            56-px pose heatmaps under a ViT, so every stream gives the same token grid).
     """
 
     def __init__(
@@ -38,8 +40,10 @@ class Modality(ABC):
         stream: str | None = None,
         size: int = 64,
         reader_options: Mapping[str, Any] | None = None,
+        encoder_args: Mapping[str, Any] | None = None,
     ) -> None:
         self.name = name
+        self.encoder_args = dict(encoder_args or {})
         self.stream = stream or name
         self.size = int(size)
         self.reader_options = dict(reader_options or {})
@@ -73,7 +77,7 @@ class Modality(ABC):
 
     def encoder_inputs(self) -> dict[str, Any]:
         """Keyword arguments an encoder of this stream is built with (plus ``num_frames``)."""
-        return {"in_channels": self.channels, "img_size": self.size}
+        return {"in_channels": self.channels, "img_size": self.size, **self.encoder_args}
 
     def load(self, record: ClipRecord, indices: np.ndarray) -> np.ndarray:
         if self.reader is None:
@@ -264,7 +268,8 @@ class PoseKeypoints(_Keypoints):
         return 3
 
     def encoder_inputs(self) -> dict[str, Any]:
-        return {"in_channels": 3, "num_joints": self.num_joints, "edges": [list(e) for e in self.meta.edges]}
+        edges = [list(e) for e in self.meta.edges]
+        return {"in_channels": 3, "num_joints": self.num_joints, "edges": edges, **self.encoder_args}
 
     def to_tensor(self, raw: np.ndarray, params: SpatialParams) -> torch.Tensor:
         xy, conf = self._keypoints(raw, params, self.size)
