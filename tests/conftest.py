@@ -103,6 +103,8 @@ def make_modalities() -> Callable[..., dict]:
         for name in (*names, *[n for n in overrides if n not in names]):
             cfg = OmegaConf.load(CONFIG_DIR / "modality" / f"{name}.yaml")
             cfgs[name] = OmegaConf.merge(cfg, overrides.get(name, {}))
-        return build_modalities(cfgs)
+        # the modality configs read their sizes from the `input` group, as in a composed config
+        root = OmegaConf.create({"input": OmegaConf.load(CONFIG_DIR / "input" / "synthetic.yaml"), "modalities": cfgs})
+        return build_modalities(OmegaConf.to_container(root, resolve=True)["modalities"])
 
     return make

@@ -5,12 +5,21 @@ encodes every clip of the split once, into a :class:`FeatureBank`, and solves al
 the bank. Under DDP each rank encodes its share of the clips; the banks are gathered, each rank
 solves its share of the episodes (e = rank, rank + W, ...), and the accuracies are gathered, so
 the numbers are the same for any number of processes.
+
+Masked views (MM-CDFSL's ensemble masked inference) draw each clip's tube masks from
+``(seed, clip position, view)`` alone (:func:`view_masks`), so features do not depend on the
+batch size or the number of processes. :class:`FeatureCache` keeps a split's features on disk,
+keyed by everything they depend on (:func:`feature_cache_key`), so a second evaluation of the
+same encoder on the same data (another classifier, shots or episode file) skips the encoder.
 """
 
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -113,3 +122,115 @@ def encode_views(
     device = next(iter(inputs.values())).device
     out = [encoder(inputs, mask=view_masks(index, grid, mask_ratio, v, seed, device)).pooled for v in range(views)]
     return torch.stack(out, 1)
+
+
+# --------------------------------------------------------------------------- on-disk feature cache
+
+CACHE_FORMAT = 1
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def feature_cache_key(
+    *,
+    encoder_file: str | Path,
+    dataset_root: str | Path,
+    clip_ids: Sequence[str],
+    modalities: Mapping[str, Any],
+    frames: Mapping[str, Any],
+    views: int,
+    mask_ratio: float,
+    mask_seed: int,
+    precision: str = "32-true",
+    annotation_file: str = "annotations.csv",
+    encoder_sha256: str | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """(key, description) of the features of ``clip_ids`` under an encoder and input settings.
+
+    The key hashes everything the features depend on: the encoder file's content (weights and
+    the configs that rebuild it), the dataset (its resolved path and the content of its
+    ``meta.json`` and annotation file, so a regenerated dataset misses), the encoded clips in
+    order, the modality and frame-sampling configs, the views / mask ratio / mask seed of masked
+    ensemble inference, and the numeric precision of the encoder pass. The frames of the clips
+    themselves are not hashed: edit them in place and the cache must be deleted by hand.
+    """
+    root = Path(dataset_root).resolve()
+    info = {
+        "format": CACHE_FORMAT,
+        "encoder_sha256": encoder_sha256 or file_sha256(encoder_file),
+        "dataset": str(root),
+        "dataset_meta_sha256": file_sha256(root / "meta.json") if (root / "meta.json").is_file() else None,
+        "annotations_sha256": file_sha256(root / annotation_file) if (root / annotation_file).is_file() else None,
+        "clips": len(clip_ids),
+        "clips_sha256": hashlib.sha256("\n".join(clip_ids).encode()).hexdigest(),
+        "modalities": _plain(modalities),
+        "frames": _plain(frames),
+        "views": int(views),
+        "mask_ratio": float(mask_ratio),
+        "mask_seed": int(mask_seed),
+        "precision": str(precision),
+    }
+    blob = json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:32], info
+
+
+class FeatureCache:
+    """Encoded features on disk, one file per :func:`feature_cache_key`: ``features_<key>.pt``.
+
+    A file holds the features (num_clips, views, D) float32, the clip ids and the key's
+    description, and is read with ``torch.load(weights_only=True)``; a file whose description or
+    shape does not match is ignored (and overwritten by the next save). Writes are atomic.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"features_{key}.pt"
+
+    def load(self, key: str, info: Mapping[str, Any]) -> torch.Tensor | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a truncated or foreign file is a miss, not an error
+            return None
+        features = payload.get("features") if isinstance(payload, dict) else None
+        if (
+            payload.get("info") != dict(info)
+            or not isinstance(features, torch.Tensor)
+            or features.ndim != 3
+            or features.shape[:2] != (info["clips"], info["views"])
+        ):
+            return None
+        return features.float()
+
+    def save(self, key: str, info: Mapping[str, Any], features: torch.Tensor, clip_ids: Sequence[str]) -> Path:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"info": dict(info), "clip_ids": list(clip_ids), "features": features.detach().float().cpu()}, tmp)
+        tmp.replace(path)
+        return path
+
+
+def _plain(obj: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

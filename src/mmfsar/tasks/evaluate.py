@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import sys
+import warnings
 from typing import Any
 
 import lightning as L
@@ -19,7 +22,11 @@ class FewShotEvalModule(L.LightningModule):
 
     Under DDP the test loader shards the clips; ``on_test_epoch_end`` gathers the features,
     solves this rank's share of the episodes (e = rank, rank + W, ...) and gathers the per-episode
-    accuracies, so ``episode_accuracy`` is identical for any number of processes.
+    accuracies, so ``episode_accuracy`` is identical for any number of processes. Features that
+    are already known (the on-disk cache) skip the encoder: call :meth:`solve` directly.
+
+    ``chunk``: episodes solved per batch (the steps of the solving progress bar; memory).
+    ``progress``: show that progress bar (rank 0 only; Lightning shows the encoding one).
     """
 
     def __init__(
@@ -30,16 +37,34 @@ class FewShotEvalModule(L.LightningModule):
         views: int = 1,
         mask_ratio: float = 0.0,
         mask_seed: int = 0,
+        chunk: int = 100,
+        progress: bool = True,
     ) -> None:
         super().__init__()
+        if views < 1:
+            raise ValueError(f"fewshot.views must be >= 1, got {views}")
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ValueError(f"fewshot.mask_ratio must be in [0, 1), got {mask_ratio}")
+        if views > 1 and mask_ratio <= 0:
+            raise ValueError("fewshot.views > 1 needs fewshot.mask_ratio > 0 (unmasked views are identical)")
+        if chunk < 1:
+            raise ValueError(f"fewshot.chunk must be >= 1, got {chunk}")
         self.encoder = encoder.eval()
         self.classifier = classifier
         self.views = views
         self.mask_ratio = mask_ratio
         self.mask_seed = mask_seed
+        self.chunk = chunk
+        self.progress = progress
         self.features: torch.Tensor | None = None
         self.episode_accuracy: torch.Tensor | None = None
         self._bank: FeatureBank | None = None
+
+    def setup(self, stage: str) -> None:
+        # The test loader of a distributed run pads the last batch with repeated clips; the
+        # feature bank averages them, so Lightning's advice to test on one device does not apply.
+        warnings.filterwarnings("ignore", message=".*DistributedSampler.*replicates some samples.*")
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
 
     def on_test_epoch_start(self) -> None:
         self.encoder.eval()
@@ -58,18 +83,84 @@ class FewShotEvalModule(L.LightningModule):
         self._bank = None
         acc = self.solve(self.features, dm.episodes, [r.clip_id for r in dm.clips.records])
         mean, ci = mean_confidence_interval(acc)
-        self.log_dict({"test/acc": mean, "test/ci": ci}, sync_dist=False)
+        self.log_dict({"test/acc": mean, "test/ci": ci}, sync_dist=True)  # equal on every rank
 
     def solve(self, features: torch.Tensor, episodes: EpisodeSet, clip_ids: list[str]) -> torch.Tensor:
-        """Per-episode accuracy (E,) on ``features`` (num_clips, views, D) in ``clip_ids`` order."""
+        """Per-episode accuracy (E,) on ``features`` (num_clips, views, D) in ``clip_ids`` order.
+
+        Inside a distributed test run each rank solves its share and the accuracies are
+        gathered; outside one (cached features) this process solves every episode.
+        """
         positions = episode_positions(episodes, clip_ids).to(features.device)
-        world = self.trainer.world_size if self._trainer is not None else 1
-        rank = self.trainer.global_rank if self._trainer is not None else 0
+        inside = self._trainer is not None and self.trainer.state.stage is not None
+        world = self.trainer.world_size if inside else 1
+        rank = self.trainer.global_rank if inside else 0
         shard = episodes.shard(rank, world).to(features.device)
-        local = solve_episodes(self.classifier, features, positions[shard], episodes.settings.k_shot)
+        show = self.progress and rank == 0 and (not inside or self.trainer.progress_bar_callback is not None)
+        with _progress_bar(len(shard), f"solving {len(episodes)} episodes", enabled=show) as bar, _one_thread(features):
+            local = solve_episodes(
+                self.classifier, features, positions[shard], episodes.settings.k_shot, chunk=self.chunk, progress=bar
+            )
         acc = torch.full((len(episodes),), -1.0, device=features.device)
         acc[shard] = local.float()
         if world > 1:
             acc = self.all_gather(acc).max(0).values
         self.episode_accuracy = acc.cpu()
         return self.episode_accuracy
+
+
+class _one_thread:
+    """Solve on one CPU thread: the episode solvers run thousands of small tensor operations,
+    for which OpenMP's synchronisation costs more than a second thread gains, and which slow
+    down many times over when another process holds the other cores (measured 3-30x with 2
+    threads on a busy 2-core machine, ``benchmarks/bench_logreg.py``). No-op off the CPU."""
+
+    def __init__(self, features: torch.Tensor) -> None:
+        self.active = features.device.type == "cpu"
+        self.threads = torch.get_num_threads()
+
+    def __enter__(self) -> "_one_thread":
+        if self.active:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.active:
+            torch.set_num_threads(self.threads)
+
+
+class _progress_bar:
+    """A tqdm bar over episodes used as ``progress`` callback (a no-op when disabled)."""
+
+    def __init__(self, total: int, description: str, *, enabled: bool) -> None:
+        self.bar = None
+        if enabled and total > 0:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(
+                total=total,
+                desc=description,
+                unit="episode",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                leave=True,
+                mininterval=0.2,
+            )
+
+    def __enter__(self) -> "_progress_bar":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __call__(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done)
+
+
+def default_chunk(episodes: int, steps: int = 8, smallest: int = 600) -> int:
+    """Episodes per solving batch: about ``steps`` progress steps, but never small batches: an
+    iteration of the batched logistic regression costs nearly as much for 50 episodes as for
+    600, so small batches would multiply the solving time (the usual 600 episodes: one batch)."""
+    return max(smallest, math.ceil(episodes / steps))

@@ -28,7 +28,15 @@ log = RankedLogger(__name__)
 
 def _trainer(cfg: DictConfig) -> tuple[L.Trainer, list[Logger]]:
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer = instantiate(cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=loggers or False)
+    extra = {}
+    accelerator = cfg.trainer.get("accelerator")
+    if cfg.trainer.get("sync_batchnorm") and (accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())):
+        # torch's SyncBatchNorm is GPU-only: DDP would refuse any BatchNorm model (frame CNNs)
+        log.warning("trainer.sync_batchnorm ignored on CPU (SyncBatchNorm needs GPUs); BatchNorm statistics stay per process")
+        extra["sync_batchnorm"] = False
+    trainer = instantiate(
+        cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=loggers or False, **extra
+    )
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     return trainer, loggers
@@ -93,8 +101,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @task_wrapper
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """N-way K-shot episodes of an exported encoder; writes results.json / results.csv."""
-    from mmfsar.tasks.evaluate import FewShotEvalModule
+    """N-way K-shot episodes of an exported encoder; writes results.json / results.csv.
+
+    Everything that can be wrong with the inputs fails before any clip is encoded: the encoder
+    file (missing, not an mmfsar export, weights that do not fit its config), the dataset (a
+    modality the encoder needs and the dataset lacks, missing files) and the episodes (n_way
+    larger than the number of classes, too few clips per class, an episode file of other clips).
+    With ``fewshot.cache_dir`` the encoded features are kept on disk and a later run with the
+    same encoder, data and view settings skips the encoder.
+    """
+    from mmfsar.fewshot import mean_confidence_interval
+    from mmfsar.fewshot.engine import FeatureCache, feature_cache_key
+    from mmfsar.tasks.evaluate import FewShotEvalModule, default_chunk
 
     payload = load_export(cfg.encoder)  # a missing or foreign file fails here, before any work
     _prepare(cfg)
@@ -102,48 +120,80 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     modalities = build_modalities(payload["modalities"])
     datamodule = instantiate(cfg.data, modalities=modalities, frames=instantiate(payload["frames"]))
     datamodule.prepare_data()
-    datamodule.setup("test")
+    _check_modalities(cfg.encoder, modalities, Path(cfg.data.root))
+    datamodule.setup("test")  # missing files, impossible episodes, an episode file of other clips
     out_dir = Path(cfg.paths.output_dir)
     episodes = datamodule.episodes
-    episode_file = out_dir / f"episodes_{episodes.settings.name}.json"
+    fs = cfg.fewshot
+    settings = episodes.settings
     module = FewShotEvalModule(
         encoder=encoder,
-        classifier=instantiate(cfg.fewshot.classifier),
-        views=cfg.fewshot.views,
-        mask_ratio=cfg.fewshot.mask_ratio,
-        mask_seed=cfg.fewshot.seed,
+        classifier=instantiate(fs.classifier),
+        views=fs.views,
+        mask_ratio=fs.mask_ratio,
+        mask_seed=fs.seed,
+        chunk=fs.get("chunk") or default_chunk(len(episodes)),
+        progress=bool(cfg.trainer.get("enable_progress_bar", True)),
     )
-    trainer, loggers = _trainer(cfg)
-    log.info(f"encoding {len(datamodule.clips)} clips once, then solving {len(episodes)} episodes")
-    trainer.test(module, datamodule=datamodule, verbose=False)
-    if not trainer.is_global_zero:
-        return {}
+    clip_ids = [r.clip_id for r in datamodule.clips.records]
+    encoder_sha256 = file_sha256(cfg.encoder)
+    cache, cache_key, cache_info, cached = None, None, None, None
+    if fs.get("cache_dir"):
+        cache = FeatureCache(fs.cache_dir)
+        cache_key, cache_info = feature_cache_key(
+            encoder_file=cfg.encoder,
+            encoder_sha256=encoder_sha256,
+            dataset_root=cfg.data.root,
+            annotation_file=cfg.data.get("annotation_file", "annotations.csv"),
+            clip_ids=clip_ids,
+            modalities=payload["modalities"],
+            frames=payload["frames"],
+            views=fs.views,
+            mask_ratio=fs.mask_ratio,
+            mask_seed=fs.seed,
+            precision=str(cfg.trainer.get("precision", "32-true")),
+        )
+        cached = cache.load(cache_key, cache_info)
+    views = f" x {fs.views} masked views" if fs.views > 1 else ""
+    if cached is None:
+        trainer, loggers = _trainer(cfg)
+        log.info(f"encoding {len(clip_ids)} clips{views} once, then solving {len(episodes)} episodes")
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        if not trainer.is_global_zero:
+            return {}
+        features = module.features
+        if cache is not None:
+            log.info(f"features cached: {cache.save(cache_key, cache_info, features, clip_ids)}")
+    else:  # no encoder pass: this process solves every episode (no trainer, hence no DDP)
+        log.info(f"features of {len(clip_ids)} clips{views} read from {cache.path(cache_key)}; solving {len(episodes)} episodes")
+        loggers = _eval_loggers(cfg)
+        features = cached
+        module.solve(features, episodes, clip_ids)
+    episode_file = out_dir / f"episodes_{settings.name}.json"
     episode_hash = episodes.save(episode_file)
     acc = module.episode_accuracy
-    from mmfsar.fewshot import mean_confidence_interval
-
     mean, ci = mean_confidence_interval(acc)
-    s = episodes.settings
     record = {
-        "setting": f"{s.n_way}-way {s.k_shot}-shot",
-        "n_way": s.n_way,
-        "k_shot": s.k_shot,
-        "n_query": s.n_query,
-        "episodes": s.episodes,
-        "seed": s.seed,
-        "split": cfg.fewshot.split,
-        "domain": cfg.fewshot.domain,
-        "classifier": cfg.fewshot.classifier._target_.rsplit(".", 1)[-1],
-        "views": cfg.fewshot.views,
-        "mask_ratio": cfg.fewshot.mask_ratio,
+        "setting": f"{settings.n_way}-way {settings.k_shot}-shot",
+        "n_way": settings.n_way,
+        "k_shot": settings.k_shot,
+        "n_query": settings.n_query,
+        "episodes": settings.episodes,
+        "seed": settings.seed,
+        "split": fs.split,
+        "domain": fs.domain,
+        "classifier": fs.classifier._target_.rsplit(".", 1)[-1],
+        "views": fs.views,
+        "mask_ratio": fs.mask_ratio,
         "encoder": str(cfg.encoder),
-        "encoder_sha256": file_sha256(cfg.encoder),
+        "encoder_sha256": encoder_sha256,
         "modalities": list(encoder.modalities),
         "dataset": str(cfg.data.root),
         "episode_file": str(episode_file),
         "episode_sha256": episode_hash,
         "mean": round(float(mean), 4),
         "ci95": round(float(ci), 4),
+        "features_cache": str(cache.path(cache_key)) if cache is not None else None,
         "code_version": code_version(),
     }
     (out_dir / "results.json").write_text(json.dumps({**record, "per_episode": acc.tolist()}, indent=1))
@@ -152,22 +202,69 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         w.writeheader()
         w.writerow(record)
     print(
-        f"{record['setting']} ({s.n_query} queries, {s.episodes} episodes, {record['classifier']}) "
-        f"on {cfg.fewshot.split}/{cfg.fewshot.domain}: {mean:.2f} ± {ci:.2f}  [{cfg.encoder}]"
+        f"{record['setting']} ({settings.n_query} queries, {settings.episodes} episodes, {record['classifier']}{views}) "
+        f"on {fs.split}/{fs.domain}: {mean:.2f} ± {ci:.2f}  [{cfg.encoder}]"
     )
+    _log_results_wandb(loggers, record, acc)
+    return record
+
+
+def _check_modalities(encoder_file: str, modalities: dict[str, Any], root: Path) -> None:
+    """Every stream the encoder reads is in the dataset's ``meta.json`` (else a clear error)."""
+    from mmfsar.data.errors import DataError
+    from mmfsar.data.meta import DatasetMeta
+
+    meta = DatasetMeta.load(root)
+    missing = [
+        f"{name!r}" + (f" (stored as {m.stream!r})" if m.stream != name else "")
+        for name, m in modalities.items()
+        if m.stream not in meta.modalities
+    ]
+    if missing:
+        raise DataError(
+            f"the encoder {encoder_file} reads modality {', '.join(missing)} but the dataset {root} has no such "
+            f"stream (meta.json lists {sorted(meta.modalities)}); evaluate an encoder of a modality the dataset has"
+        )
+
+
+def _eval_loggers(cfg: DictConfig) -> list[Logger]:
+    """The configured loggers, for a run that needs no trainer (features read from the cache)."""
+    loggers = instantiate_loggers(cfg.get("logger"))
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return loggers
+
+
+def _log_results_wandb(loggers: list[Logger], record: dict[str, Any], accuracy: torch.Tensor) -> None:
+    """W&B (``logger=wandb``): summary metrics, the setting as a one-row table, and a histogram
+    of the per-episode accuracies (percent)."""
     for lg in loggers:
         if isinstance(lg, WandbLogger):
             import wandb
 
             run = lg.experiment
-            run.summary.update({"acc": mean, "ci95": ci, "episode_sha256": episode_hash})
-            run.log(
+            run.summary.update(
                 {
-                    "settings": wandb.Table(columns=list(record), data=[list(record.values())]),
-                    "per_episode_accuracy": wandb.Histogram(acc.numpy()),
+                    "acc": record["mean"],
+                    "ci95": record["ci95"],
+                    "episode_sha256": record["episode_sha256"],
+                    "setting": record["setting"],
                 }
             )
-    return record
+            table = wandb.Table(columns=list(record), data=[[_cell(v) for v in record.values()]])
+            run.log(
+                {
+                    "settings": table,
+                    "per_episode_accuracy": wandb.Histogram((100 * accuracy).numpy(), num_bins=20),
+                    "acc": record["mean"],
+                    "ci95": record["ci95"],
+                }
+            )
+
+
+def _cell(value: Any) -> Any:
+    """A W&B table cell: lists (modalities) as text."""
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
 
 
 def file_sha256(path: str | Path) -> str:

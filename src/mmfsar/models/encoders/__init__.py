@@ -6,6 +6,7 @@ the input-dependent ones a modality supplies (``Modality.encoder_inputs()`` and
 ``feature_dim`` and ``supports_masking``.
 """
 
+from mmfsar.models.encoders.conv3d import Conv3DEncoder
 from mmfsar.models.encoders.frame_cnn import FrameCNN, TemporalTransformer
 from mmfsar.models.encoders.pretrained import (
     LoadReport,
@@ -27,6 +28,7 @@ from mmfsar.models.encoders.vit import (
 )
 
 __all__ = [
+    "Conv3DEncoder",
     "FrameCNN",
     "LoadReport",
     "STGCN",
