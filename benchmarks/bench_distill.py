@@ -1,0 +1,359 @@
+"""Cost of distillation: a distillation step vs a plain supervised step of the student, and the
+student's vs the teacher's inference time per clip.
+
+    python benchmarks/bench_distill.py [--root data/synthetic] [--batch-size 32] [--repeats 7]
+                                       [--recipes mm_cdfsl,lite_mkd] [--threads 1] [--profile]
+
+Both published recipes are built in process exactly as the entry points build them (Hydra
+composes the tiny presets' configs, the training modules' ``build`` makes the modules; teachers
+are written with ``export_encoder`` and read back by the distillation module), with random
+weights: timing does not depend on what the weights are.
+
+* ``mm_cdfsl`` (``experiment=mm_cdfsl_tiny/...``): ViT-tiny RGB student, three ViT-tiny teachers
+  (rgb, flow, pose), translation MSE, shared tube mask 0.75, unlabelled target clips.
+* ``lite_mkd`` (``experiment=lite_mkd_tiny/...``): MobileNetV3-small RGB student, the MFM fusion
+  teacher over ResNet-18 rgb / flow / pose encoders, logit KD + relation + CE, labelled clips.
+
+Per recipe, on one batch of real clips (``--batch-size``, default the presets' 32):
+
+* ``distill_step_ms``: ``DistillModule.training_step`` + backward + gradient clipping + AdamW
+  step (the teachers' forward included, as in training);
+* ``plain_step_ms``: the same student architecture trained with plain cross-entropy
+  (``model=supervised``: ``PretrainModule.training_step``, unmasked) on the same clips, same
+  optimiser; ``distill_over_plain`` is the ratio the design targets (<= 1.5);
+* for a masked recipe also ``plain_masked_step_ms`` (CE on the student with the same tube mask)
+  and ``distill_over_plain_masked``: what the teachers and the translation heads add to the
+  student's own masked pass;
+* ``student_ms_per_clip`` / ``teacher_ms_per_clip``: inference (``eval()``,
+  ``torch.inference_mode()``, unmasked) per clip, the teacher being the sum of the per-modality
+  teachers (mm_cdfsl) or the fusion teacher (lite_mkd); ``teacher_over_student`` is the speed-up.
+  Teacher timings exclude computing flow and pose, which the student does not need
+  (``student_modalities``). For the masked recipe also the student's cost with MM-CDFSL's
+  ensemble masked inference (two views at the mask ratio, the ``mm_cdfsl_tiny/eval`` setting,
+  through the evaluation engine's ``encode_views``).
+
+Warm-up, then ``--repeats`` rounds that interleave the variants (so a load change on a shared
+machine hits all of them alike); medians are reported. torch runs single-threaded by default
+(``--threads``): with other jobs on the cores, two intra-op threads made the steps up to 3x
+slower and the ratios erratic (threads waiting for a descheduled sibling), while one thread gives
+stable figures; the load average is reported with them. ``--profile`` adds a breakdown of the
+distillation step (teachers' forward, student forward + loss, backward, optimiser).
+The output is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("MMFSAR_ROOT", str(REPO))
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.utils import get_class, instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+
+from mmfsar.data.modalities import build_modalities  # noqa: E402
+from mmfsar.models.base import export_encoder, load_export  # noqa: E402
+
+MODALITIES = ("rgb", "flow", "pose")
+RECIPES = {
+    "mm_cdfsl": {
+        "pretrain": ["experiment=mm_cdfsl_tiny/pretrain"],
+        "distill": ["experiment=mm_cdfsl_tiny/distill"],
+        "init_student_from_rgb": True,
+        "fusion": None,
+        "plain": ["experiment=mm_cdfsl_tiny/pretrain", "model=supervised", "model/encoder=vit_tiny"],
+    },
+    "lite_mkd": {
+        "pretrain": ["experiment=lite_mkd_tiny/pretrain"],
+        "distill": ["experiment=lite_mkd_tiny/distill"],
+        "init_student_from_rgb": False,
+        "fusion": ["experiment=lite_mkd_tiny/fusion"],
+        "plain": ["experiment=lite_mkd_tiny/pretrain", "model/encoder=mobilenetv3_small"],
+    },
+}
+
+
+# --------------------------------------------------------------------------- building, as the entry points do
+
+
+def compose_cfg(name: str, overrides: list[str], out_dir: Path) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+    return cfg
+
+
+def build(cfg: DictConfig) -> tuple[Any, Any, dict]:
+    """(module, prepared data module, modality configs), as ``pipelines.train`` builds them."""
+    module_cls = get_class(cfg.model._target_)
+    modality_cfgs = module_cls.modality_configs(cfg.model, cfg.modalities)
+    datamodule = instantiate(cfg.data, modalities=build_modalities(modality_cfgs))
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return module_cls.build(cfg.model, datamodule), datamodule, modality_cfgs
+
+
+def export(cfg: DictConfig, path: Path) -> Path:
+    """Build a stage-1 module (random weights) and export its encoder as a run would."""
+    module, _, modality_cfgs = build(cfg)
+    encoder, encoder_cfg = module.exported_encoder()
+    return export_encoder(
+        path,
+        encoder,
+        encoder_config=encoder_cfg,
+        modalities={m: modality_cfgs[m] for m in encoder.modalities},
+        frames=OmegaConf.to_container(cfg.data.frames, resolve=True),
+    )
+
+
+def first_batch(datamodule: Any) -> dict[str, Any]:
+    """One training batch ``{"source"|"target": clips}`` of the data module."""
+    return {k: next(iter(loader)) for k, loader in datamodule.train_dataloader().items()}
+
+
+def describe(encoder_cfg: dict[str, Any]) -> str:
+    bb = encoder_cfg["backbone"]
+    name = bb["_target_"].rsplit(".", 1)[-1]
+    return f"{name}({bb['model_name']})" if "model_name" in bb else f"{name}(dim {bb.get('embed_dim')}, depth {bb.get('depth')})"
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def optimizer_step(module: torch.nn.Module) -> Callable[[Callable[[], torch.Tensor]], None]:
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+
+    def step(loss_fn: Callable[[], torch.Tensor]) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # trainer.gradient_clip_val
+        opt.step()
+
+    return step
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def interleaved(variants: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each variant, rounds interleaving the variants."""
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(timed(fn))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def profile_distill(module: Any, batch: dict[str, Any], warmup: int, repeats: int) -> dict[str, float]:
+    """Median ms of the parts of a distillation step (mirrors ``DistillModule.training_step``)."""
+    from mmfsar.losses.distill import DistillBatch
+    from mmfsar.models.encoders.vit import tube_mask
+
+    parts = [batch[k] for k in ("source", "target") if k in batch]
+    inputs = {m: torch.cat([p[m] for p in parts]) for m in module.teachers.modalities | set(module.student.modalities)}
+    labels = torch.cat([p["label"] for p in parts])
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    out: dict[str, list[float]] = {"teachers_forward": [], "student_forward_and_loss": [], "backward": [], "clip_and_optimizer": []}
+    for i in range(warmup + repeats):
+        kwargs = {}
+        if module.grid is not None:
+            kwargs["mask"] = tube_mask(labels.shape[0], module.grid, module.mask_ratio, device=labels.device)
+        opt.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        teachers = module.teachers(inputs, **kwargs)
+        t1 = time.perf_counter()
+        student = module.student(inputs, **kwargs)
+        db = DistillBatch(student=student, teachers=teachers, labels=labels)
+        loss = sum(term.weight * term(db) for term in module.terms.values())
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        t4 = time.perf_counter()
+        if i >= warmup:
+            for key, seconds in zip(out, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                out[key].append(1000 * seconds)
+    return {k: round(statistics.median(v), 2) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- one recipe
+
+
+def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    recipe = RECIPES[name]
+    common = [f"data.root={args.root}", "data.num_workers=0", "data.val_episodes.episodes=10"]
+    if args.batch_size:
+        common.append(f"data.batch_size={args.batch_size}")
+    exports = {
+        m: export(compose_cfg("pretrain", [*recipe["pretrain"], f"modality={m}", *common], tmp), tmp / name / m / "encoder.pt")
+        for m in MODALITIES
+    }
+    encoders = [f"model.encoders.{m}={exports[m]}" for m in MODALITIES]
+    if recipe["fusion"]:
+        teachers = {"fusion": export(compose_cfg("pretrain", [*recipe["fusion"], *encoders, *common], tmp), tmp / name / "fusion" / "encoder.pt")}
+    else:
+        teachers = exports
+    distill_over = [*recipe["distill"], *[f"model.teachers.{t}={p}" for t, p in teachers.items()], *common]
+    if recipe["init_student_from_rgb"]:
+        distill_over.append(f"model.init_from={exports['rgb']}")
+    distill, dm, _ = build(compose_cfg("distill", distill_over, tmp))
+    plain, _, _ = build(compose_cfg("pretrain", [*recipe["plain"], "modality=rgb", *common], tmp))
+    assert plain.decoder is None and type(plain.encoder.backbone) is type(distill.student.backbone)
+
+    batch = first_batch(dm)  # the recipe's own clips: target (mm_cdfsl) or labelled source (lite_mkd)
+    clips = next(iter(batch.values()))
+    bsz = clips["rgb"].shape[0]
+    labels = torch.randint(0, plain.encoder.head.out_features, (bsz,))
+    plain_batch = {"source": {"rgb": clips["rgb"], "label": labels}}
+    distill.train()
+    plain.train()
+    step_d, step_p = optimizer_step(distill), optimizer_step(plain)
+    variants = {
+        "distill_step": lambda: step_d(lambda: distill.training_step(batch, 0)),
+        "plain_step": lambda: step_p(lambda: plain.training_step(plain_batch, 0)),
+    }
+    if distill.grid is not None:
+        from mmfsar.models.encoders.vit import tube_mask
+
+        def masked_ce() -> torch.Tensor:
+            mask = tube_mask(bsz, distill.grid, distill.mask_ratio, device=labels.device)
+            return F.cross_entropy(plain.encoder({"rgb": clips["rgb"]}, mask=mask).logits, labels)
+
+        variants["plain_masked_step"] = lambda: step_p(masked_ce)
+
+    student, teacher_models = distill.student, distill.teachers.models
+    teacher_cfgs = {n: load_export(p)["encoder"] for n, p in teachers.items()}
+
+    def student_infer() -> None:
+        student.eval()
+        with torch.inference_mode():
+            student({m: clips[m] for m in student.modalities})
+        student.train()
+
+    def teacher_infer(t: torch.nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with torch.inference_mode():
+                t.eval()({m: clips[m] for m in t.modalities})
+
+        return run
+
+    inference = {"student": student_infer, **{f"teacher:{n}": teacher_infer(t) for n, t in teacher_models.items()}}
+    if distill.grid is not None:  # MM-CDFSL's ensemble masked inference (eval preset: 2 query views at 0.75)
+        from mmfsar.fewshot.engine import encode_views
+
+        def student_masked_views() -> None:
+            student.eval()
+            encode_views(student, {"rgb": clips["rgb"]}, clips["index"], views=2, mask_ratio=distill.mask_ratio)
+            student.train()
+
+        inference["student_2_masked_views"] = student_masked_views
+
+    steps = interleaved(variants, args.warmup, args.repeats)
+    infer = interleaved(inference, args.warmup, args.repeats)
+    infer["teacher"] = sum(v for k, v in infer.items() if k.startswith("teacher:"))
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    out = {
+        "batch_size": bsz,
+        "student": describe(distill.student_config),
+        "student_params_M": round(n_params(student) / 1e6, 2),
+        "teachers": {n: describe(cfg) if "backbone" in cfg else cfg["_target_"].rsplit(".", 1)[-1] for n, cfg in teacher_cfgs.items()},
+        "teacher_params_M": round(sum(n_params(t) for t in teacher_models.values()) / 1e6, 2),
+        "loss_terms": sorted(distill.terms),
+        "mask_ratio": distill.mask_ratio,
+        "distill_step_ms": round(1000 * steps["distill_step"], 1),
+        "plain_step_ms": round(1000 * steps["plain_step"], 1),
+        "distill_over_plain": round(steps["distill_step"] / steps["plain_step"], 3),
+    }
+    if "plain_masked_step" in steps:
+        out["plain_masked_step_ms"] = round(1000 * steps["plain_masked_step"], 1)
+        out["distill_over_plain_masked"] = round(steps["distill_step"] / steps["plain_masked_step"], 3)
+    out.update(
+        {
+            "student_ms_per_clip": round(1000 * infer["student"] / bsz, 3),
+            "teacher_ms_per_clip": round(1000 * infer["teacher"] / bsz, 3),
+            "teacher_ms_per_clip_each": {n: round(1000 * infer[f"teacher:{n}"] / bsz, 3) for n in teacher_models},
+            "teacher_over_student": round(infer["teacher"] / infer["student"], 2),
+            **(
+                {
+                    "student_2_masked_views_ms_per_clip": round(1000 * infer["student_2_masked_views"] / bsz, 3),
+                    "teacher_over_student_2_masked_views": round(infer["teacher"] / infer["student_2_masked_views"], 2),
+                }
+                if "student_2_masked_views" in infer
+                else {}
+            ),
+            "student_modalities": list(student.modalities),
+            "teacher_modalities": sorted(distill.teachers.modalities),
+        }
+    )
+    if args.profile:
+        out["distill_step_breakdown_ms"] = profile_distill(distill, batch, args.warmup, args.repeats)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", default=str(REPO / "data" / "synthetic"), help="dataset (the default synthetic one is generated if missing)")
+    ap.add_argument("--batch-size", type=int, default=None, help="clips per step (default: the presets' data.batch_size)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--recipes", default="mm_cdfsl,lite_mkd")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--profile", action="store_true", help="break the distillation step down")
+    args = ap.parse_args()
+    # training_step outside a Trainer: self.log() is a no-op that warns on every call
+    warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    results: dict[str, Any] = {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+    }
+    with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
+        for name in args.recipes.split(","):
+            print(f"[bench_distill] {name} ...", file=sys.stderr, flush=True)
+            results[name] = bench_recipe(name, args, Path(tmp))
+    results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["targets"] = {
+        "distill_over_plain <=": 1.5,
+        **{f"{n}.distill_over_plain_ok": results[n]["distill_over_plain"] <= 1.5 for n in args.recipes.split(",")},
+    }
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

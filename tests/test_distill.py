@@ -1,0 +1,264 @@
+"""Stage 2 end to end: the tiny presets of both published recipes through the entry points, and
+the frozen-teacher guarantees of the distillation module.
+
+* MM-CDFSL (``experiment=mm_cdfsl_tiny/{pretrain,distill,eval}``): ViT encoders per modality
+  (the session sweep of ``conftest_training.py``), the RGB student initialised from the RGB one,
+  translation MSE to rgb / flow / pose teachers under a shared 0.75 tube mask, logistic-regression
+  episodes with two masked query views.
+* Lite-MKD (``experiment=lite_mkd_tiny/{pretrain,fusion,distill,eval}``): frame CNNs per
+  modality, the MFM fusion teacher over them, a MobileNetV3 RGB student distilled with logit KD +
+  relation + CE, prototype episodes. The fast chain shrinks the teachers
+  (``mobilenetv3_small_050``, MFM width 64: the preset's ResNet-18 + full-width MFM is 56 M
+  trainable parameters and ~0.8 GB per checkpoint); the unmodified preset runs under
+  ``-m slow``.
+
+Every run trains 2 steps of 4 clips on ``episode_dataset``; evaluation solves 20 five-way
+one-shot five-query episodes on its novel classes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import get_class, instantiate
+
+from helpers import CONFIG_DIR, MODALITIES, checkpoint, eval_overrides, run_entry, tiny
+from mmfsar.models.base import load_export
+
+pytest_plugins = ["conftest_training"]
+
+# Lite-MKD teachers small enough for the fast suite (see the module docstring)
+SMALL_TEACHERS = ["model.encoder.model_name=mobilenetv3_small_050"]
+SMALL_FUSION = ["model.fusion.dim=64"]
+
+
+@dataclass
+class LiteMKDTeachers:
+    runs: dict[str, Path]  # modality -> pretraining run
+    fusion: Path  # fusion-teacher run
+
+
+def lite_mkd_teachers(root: Path, out: Path, home: Path, *, teacher: list[str], fusion: list[str]) -> LiteMKDTeachers:
+    run_entry(
+        "lit_main_pretrain.py",
+        "-m",
+        "experiment=lite_mkd_tiny/pretrain",
+        f"modality={','.join(MODALITIES)}",
+        f"hydra.sweep.dir={out / 'pretrain'}",
+        *teacher,
+        *tiny(root),
+        home=home,
+    )
+    runs = {load_export(p)["encoder"]["modality"]: p.parent for p in (out / "pretrain").glob("*/encoder.pt")}
+    assert sorted(runs) == sorted(MODALITIES)
+    run_entry(
+        "lit_main_pretrain.py",
+        "experiment=lite_mkd_tiny/fusion",
+        *[f"model.encoders.{m}={runs[m] / 'encoder.pt'}" for m in MODALITIES],
+        f"hydra.run.dir={out / 'fusion'}",
+        *fusion,
+        *tiny(root),
+        home=home,
+    )
+    return LiteMKDTeachers(runs, out / "fusion")
+
+
+@pytest.fixture(scope="module")
+def lite_mkd_pretrained(episode_dataset, tmp_path_factory, wandb_home) -> LiteMKDTeachers:
+    return lite_mkd_teachers(
+        episode_dataset, tmp_path_factory.mktemp("lite_mkd"), wandb_home, teacher=SMALL_TEACHERS, fusion=SMALL_FUSION
+    )
+
+
+def mm_cdfsl_teachers(sweep) -> list[str]:
+    return [f"model.init_from={sweep.encoder('rgb')}", *[f"model.teachers.{m}={sweep.encoder(m)}" for m in MODALITIES]]
+
+
+# --------------------------------------------------------------------------- chains through the entry points
+
+
+def check_student_run(run: Path, *, backbone: str) -> dict:
+    """The distillation run exported an RGB-only student; its checkpoint holds the student and
+    the loss terms' heads, never a teacher."""
+    payload = torch.load(run / "encoder.pt", map_location="cpu", weights_only=True)
+    assert payload["encoder"]["modality"] == "rgb" and list(payload["modalities"]) == ["rgb"]
+    assert payload["encoder"]["num_classes"] == 0
+    assert payload["encoder"]["backbone"]["_target_"].endswith(backbone)
+    assert payload["info"]["task"] == "distill"
+    last = checkpoint(run / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 2
+    prefixes = {k.split(".")[0] for k in last["state_dict"]}
+    assert prefixes == {"student", "terms"}, f"checkpoint holds {prefixes}: teachers must not be saved"
+    return last
+
+
+def check_results(run: Path, encoder: Path, classifier: str) -> dict:
+    results = json.loads((run / "results.json").read_text())
+    assert results["encoder"] == str(encoder)
+    assert results["modalities"] == ["rgb"], "the student must need RGB only at test time"
+    assert results["classifier"] == classifier
+    assert results["setting"] == "5-way 1-shot" and results["episodes"] == 20 and len(results["per_episode"]) == 20
+    assert 0 <= results["mean"] <= 100 and math.isfinite(results["ci95"])
+    assert (run / "results.csv").is_file() and Path(results["episode_file"]).is_file()
+    return results
+
+
+def test_mm_cdfsl_tiny_chain(mm_cdfsl_pretrained, episode_dataset, tmp_path, wandb_home):
+    """``experiment=mm_cdfsl_tiny/distill`` from the rgb / flow / pose exports of the pretraining
+    sweep, then ``experiment=mm_cdfsl_tiny/eval`` on the student."""
+    run = tmp_path / "distill"
+    run_entry(
+        "lit_main_distill.py",
+        "experiment=mm_cdfsl_tiny/distill",
+        *mm_cdfsl_teachers(mm_cdfsl_pretrained),
+        f"hydra.run.dir={run}",
+        *tiny(episode_dataset),
+        home=wandb_home,
+    )
+    last = check_student_run(run, backbone="VideoViT")
+    translators = {k.split(".")[3] for k in last["state_dict"] if k.startswith("terms.translation_mse.translators.")}
+    assert translators == set(MODALITIES), f"one translation MLP per teacher expected, got {translators}"
+    init = load_export(mm_cdfsl_pretrained.encoder("rgb"))["state_dict"]
+    student = load_export(run / "encoder.pt")["state_dict"]
+    assert set(student) == {k for k in init if not k.startswith("head.")}, "the student is not the RGB encoder's architecture"
+    assert any(not torch.equal(v, init[k]) for k, v in student.items()), "the student did not train"
+
+    out = tmp_path / "eval"
+    run_entry("lit_main_eval.py", "experiment=mm_cdfsl_tiny/eval", *eval_overrides(episode_dataset, run / "encoder.pt", out), home=wandb_home)
+    results = check_results(out, run / "encoder.pt", "LogisticRegressionClassifier")
+    assert results["views"] == 2 and results["mask_ratio"] == pytest.approx(0.75)
+
+
+def test_lite_mkd_tiny_chain(lite_mkd_pretrained, episode_dataset, tmp_path, wandb_home):
+    """``experiment=lite_mkd_tiny/{pretrain,fusion}`` (the module fixture), then ``.../distill``
+    from the fusion teacher and ``.../eval`` on the student."""
+    fusion = load_export(lite_mkd_pretrained.fusion / "encoder.pt")
+    assert fusion["encoder"]["_target_"] == "mmfsar.models.fusion.FusionTeacher"
+    assert fusion["encoder"]["fusion"]["_target_"] == "mmfsar.models.fusion.MFM"
+    assert sorted(fusion["modalities"]) == sorted(MODALITIES) and fusion["encoder"]["num_classes"] == 3
+    for m, run in lite_mkd_pretrained.runs.items():  # the fusion teacher carries the stage-1 encoders unchanged
+        stage1 = load_export(run / "encoder.pt")["state_dict"]
+        assert all(torch.equal(v, fusion["state_dict"][f"encoders.{m}.{k}"]) for k, v in stage1.items())
+
+    run = tmp_path / "distill"
+    run_entry(
+        "lit_main_distill.py",
+        "experiment=lite_mkd_tiny/distill",
+        f"model.teachers.fusion={lite_mkd_pretrained.fusion / 'encoder.pt'}",
+        f"hydra.run.dir={run}",
+        *tiny(episode_dataset),
+        home=wandb_home,
+    )
+    last = check_student_run(run, backbone="FrameCNN")
+    terms = {k.split(".")[1] for k in last["state_dict"] if k.startswith("terms.")}
+    assert terms == {"logit_kd", "ce"}, terms  # relation has no parameters
+    assert load_export(run / "encoder.pt")["encoder"]["backbone"]["model_name"] == "mobilenetv3_small_100"
+
+    out = tmp_path / "eval"
+    run_entry("lit_main_eval.py", "experiment=lite_mkd_tiny/eval", *eval_overrides(episode_dataset, run / "encoder.pt", out), home=wandb_home)
+    check_results(out, run / "encoder.pt", "PrototypeClassifier")
+
+
+@pytest.mark.slow
+def test_lite_mkd_tiny_preset_unmodified(episode_dataset, tmp_path, wandb_home):
+    """The Lite-MKD tiny preset as shipped (ResNet-18 teachers, full-width MFM), only shortened."""
+    teachers = lite_mkd_teachers(episode_dataset, tmp_path, wandb_home, teacher=[], fusion=[])
+    run = tmp_path / "distill"
+    run_entry(
+        "lit_main_distill.py",
+        "experiment=lite_mkd_tiny/distill",
+        f"model.teachers.fusion={teachers.fusion / 'encoder.pt'}",
+        f"hydra.run.dir={run}",
+        *tiny(episode_dataset),
+        home=wandb_home,
+    )
+    check_student_run(run, backbone="FrameCNN")
+    out = tmp_path / "eval"
+    run_entry("lit_main_eval.py", "experiment=lite_mkd_tiny/eval", *eval_overrides(episode_dataset, run / "encoder.pt", out), home=wandb_home)
+    check_results(out, run / "encoder.pt", "PrototypeClassifier")
+
+
+# --------------------------------------------------------------------------- frozen teachers, in process
+
+
+def compose_distill(overrides: list[str], out_dir: Path):
+    """The ``lit_main_distill.py`` config for ``overrides``, composed as Hydra composes it (the
+    run folder, which Hydra would create, given as ``paths.output_dir``)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import mmfsar.utils  # noqa: F401  (sets MMFSAR_ROOT, as the entry points do)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="distill", overrides=[*overrides, f"paths.output_dir={out_dir}", f"paths.log_dir={out_dir}"])
+
+
+@pytest.mark.parametrize("recipe", ["mm_cdfsl", "lite_mkd"])
+def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_dataset, tmp_path):
+    """A short distillation (3 steps, the module and trainer built from the composed config as
+    ``pipelines.train`` builds them): every teacher tensor (weights and BatchNorm statistics)
+    equals its exported file bit for bit, no teacher parameter has a gradient or is in the
+    optimiser or the checkpoint, every teacher module is in eval mode, and the student and the
+    loss terms' heads did change."""
+    from mmfsar.data.modalities import build_modalities
+
+    if recipe == "mm_cdfsl":
+        sweep = request.getfixturevalue("mm_cdfsl_pretrained")
+        teachers = {m: sweep.encoder(m) for m in MODALITIES}
+        overrides = ["experiment=mm_cdfsl_tiny/distill", *mm_cdfsl_teachers(sweep)]
+    else:
+        fusion = request.getfixturevalue("lite_mkd_pretrained").fusion / "encoder.pt"
+        teachers = {"fusion": fusion}
+        overrides = ["experiment=lite_mkd_tiny/distill", f"model.teachers.fusion={fusion}"]
+    cfg = compose_distill(
+        [
+            *overrides,
+            *[o for o in tiny(episode_dataset, batches=3) if not o.startswith("callbacks.")],
+            "++trainer.limit_val_batches=0",
+            "++trainer.enable_checkpointing=false",
+            "~logger",
+            "callbacks=none",
+        ],
+        tmp_path,
+    )
+    module_cls = get_class(cfg.model._target_)
+    datamodule = instantiate(cfg.data, modalities=build_modalities(module_cls.modality_configs(cfg.model, cfg.modalities)))
+    datamodule.setup("fit")
+    module = module_cls.build(cfg.model, datamodule)
+    student_before = copy.deepcopy(module.student.state_dict())
+    terms_before = copy.deepcopy(module.terms.state_dict())
+    trainer = instantiate(cfg.trainer, callbacks=[], logger=False)
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 3
+
+    models = module.teachers.models
+    assert sorted(models) == sorted(teachers)
+    optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    for name, path in teachers.items():
+        teacher, exported = models[name], load_export(path)["state_dict"]
+        state = teacher.state_dict()
+        assert sorted(state) == sorted(exported)
+        changed = [k for k, v in state.items() if v.dtype != exported[k].dtype or not torch.equal(v, exported[k])]
+        assert not changed, f"teacher {name!r} changed during distillation: {changed[:5]}"
+        for pname, p in teacher.named_parameters():
+            assert p.grad is None and not p.requires_grad, f"teacher {name!r} parameter {pname} takes gradients"
+            assert id(p) not in optimised, f"teacher {name!r} parameter {pname} is in the optimiser"
+        training = [n for n, m in teacher.named_modules() if m.training]
+        assert not training, f"teacher {name!r} modules in train mode: {training[:5]}"
+    if recipe == "lite_mkd":
+        assert any("running_mean" in k for k in exported), "the fusion teacher should carry BatchNorm statistics"
+    assert {k.split(".")[0] for k in module.state_dict()} == {"student", "terms"}
+
+    after = module.student.state_dict()
+    assert any(not torch.equal(v, student_before[k]) for k, v in after.items()), "the student did not change"
+    assert any(not torch.equal(v, terms_before[k]) for k, v in module.terms.state_dict().items()), "the loss heads did not change"
+    if recipe == "mm_cdfsl":  # started from the RGB pretraining (without its head)
+        init = load_export(sweep.encoder("rgb"))["state_dict"]
+        assert all(torch.equal(v, init[k]) for k, v in student_before.items())
