@@ -204,6 +204,26 @@ class TrainingDataModule(ClipDataModule):
             len(self.val_episodes),
         )
 
+    def training_clips(self, key: str, modalities: list[str], *, augment: bool) -> DataLoader:
+        """The training clips of ``key`` ("source" / "target") with the given modalities, in
+        dataset order, augmented or not: for computing per-clip outputs of frozen models once."""
+        ds = self.train_sets[key]
+        view = ClipDataset(
+            ds.records,
+            {m: self.modalities[m] for m in modalities},
+            self.frames,
+            train=augment,
+            labels=ds.labels,
+            augmentation=self.augmentation,
+            aspect=ds.aspect,
+        )
+        return self._loader(view, train=False)
+
+    def keep_training_modalities(self, modalities: list[str]) -> None:
+        """Load only these modalities for training from now on (e.g. once teacher outputs are cached)."""
+        for ds in self.train_sets.values():
+            ds.modalities = {m: ds.modalities[m] for m in modalities}
+
     def train_dataloader(self) -> dict[str, DataLoader]:
         return {k: self._loader(ds, train=True) for k, ds in self.train_sets.items()}
 

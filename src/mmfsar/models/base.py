@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -46,14 +46,22 @@ class ModalityEncoder(nn.Module):
     """One backbone on one modality of a clip, with an optional base-class classifier head.
 
     The head is what pretraining trains with cross-entropy; kept in the export, it gives
-    distillation its teacher logits.
+    distillation its teacher logits. ``head`` builds it from ``(feature_dim, num_classes)``
+    (default ``nn.Linear``; see :mod:`mmfsar.models.heads`).
     """
 
-    def __init__(self, *, modality: str, backbone: nn.Module, num_classes: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        modality: str,
+        backbone: nn.Module,
+        num_classes: int = 0,
+        head: Callable[[int, int], nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         self.modality = modality
         self.backbone = backbone
-        self.head = nn.Linear(backbone.feature_dim, num_classes) if num_classes else None
+        self.head = (head or nn.Linear)(backbone.feature_dim, num_classes) if num_classes else None
 
     @property
     def modalities(self) -> list[str]:

@@ -10,7 +10,7 @@ the training code adds what depends on the encoders: ``instantiate(cfg, dims=...
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any, Mapping, Sequence
+from typing import Callable, Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -200,8 +200,8 @@ class ConcatFusion(nn.Module):
 class FusionTeacher(nn.Module):
     """A clip encoder that fuses the per-frame features of several clip encoders.
 
-    ``pooled`` is the time-mean of the fused frames; ``logits`` come from a linear head when
-    ``num_classes`` > 0 (what pretraining trains with cross-entropy and distillation uses as
+    ``pooled`` is the time-mean of the fused frames; ``logits`` come from a head (``nn.Linear``,
+    or ``head(in_features, num_classes)``) when ``num_classes`` > 0 (what pretraining trains with cross-entropy and distillation uses as
     teacher logits). With ``freeze_encoders`` (default) the encoders are the stage-1 exports and
     stay as they are: ``requires_grad_(False)``, always in ``eval()`` (no BatchNorm statistics
     drift, no dropout, whatever mode the teacher is in) and run under ``torch.no_grad()`` so no
@@ -212,6 +212,7 @@ class FusionTeacher(nn.Module):
         encoders: clip encoders, keyed by the name the fusion knows them by (their modality).
         fusion: a fusion module (``MFM``, ``ConcatFusion``) built for these names and sizes.
         num_classes: size of the classifier head (0: none).
+        head: builds the head from ``(in_features, num_classes)`` (default ``nn.Linear``).
         freeze_encoders: ``False`` fine-tunes the encoders with the fusion.
     """
 
@@ -221,6 +222,7 @@ class FusionTeacher(nn.Module):
         encoders: Mapping[str, nn.Module],
         fusion: nn.Module,
         num_classes: int = 0,
+        head: Callable[[int, int], nn.Module] | None = None,
         freeze_encoders: bool = True,
     ) -> None:
         super().__init__()
@@ -236,7 +238,7 @@ class FusionTeacher(nn.Module):
         self.encoders = nn.ModuleDict(dict(encoders))
         self.fusion = fusion
         self.freeze_encoders = bool(freeze_encoders)
-        self.head = nn.Linear(fusion.out_dim, num_classes) if num_classes else None
+        self.head = (head or nn.Linear)(fusion.out_dim, num_classes) if num_classes else None
         if self.freeze_encoders:
             self.encoders.requires_grad_(False)
             self.encoders.eval()
@@ -260,6 +262,10 @@ class FusionTeacher(nn.Module):
             frames = {
                 name: encoder(inputs, **kwargs).frames for name, encoder in self.encoders.items()
             }
+        return self.fuse(frames)
+
+    def fuse(self, frames: Mapping[str, Tensor]) -> EncoderOutput:
+        """The fusion and head on the encoders' per-frame features (e.g. cached ones)."""
         fused = self.fusion(frames)
         pooled = fused.mean(dim=1)
         logits = self.head(pooled) if self.head is not None else None

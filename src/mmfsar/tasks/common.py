@@ -22,17 +22,25 @@ def to_plain(cfg: Any) -> Any:
 
 
 def modality_encoder_config(
-    backbone: Mapping[str, Any], modality: str, inputs: Mapping[str, Any], num_classes: int = 0
+    backbone: Mapping[str, Any],
+    modality: str,
+    inputs: Mapping[str, Any],
+    num_classes: int = 0,
+    head: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The Hydra config of a :class:`ModalityEncoder` on ``modality``: the backbone preset plus the
-    input-dependent arguments (channels, size, frames, joints) that the data determines."""
+    input-dependent arguments (channels, size, frames, joints) that the data determines, and the
+    classifier head (a ``_partial_`` config) when ``num_classes`` > 0."""
     backbone = {k: v for k, v in to_plain(backbone).items() if k != "_partial_"}
-    return {
+    cfg = {
         "_target_": "mmfsar.models.base.ModalityEncoder",
         "modality": modality,
         "num_classes": num_classes,
         "backbone": {**backbone, **inputs},
     }
+    if num_classes and head is not None:
+        cfg["head"] = to_plain(head)
+    return cfg
 
 
 def encoder_inputs(datamodule: Any, modality: str) -> dict[str, Any]:
@@ -145,6 +153,81 @@ class TrainingModule(L.LightningModule):
             return {"optimizer": optimizer}
         scheduler = self.scheduler_factory(optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class OutputCache:
+    """Outputs (pooled, frames, logits) of a frozen encoder for every clip of a training set,
+    computed once and looked up by dataset index; with several passes (augmented views), a
+    lookup picks one pass per clip at random."""
+
+    def __init__(self, pooled: torch.Tensor, frames: torch.Tensor, logits: torch.Tensor | None) -> None:
+        self.pooled, self.frames, self.logits = pooled, frames, logits  # (passes, N, ...)
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        encode: Callable[[dict[str, torch.Tensor]], dict[str, EncoderOutput]],
+        loader: Any,
+        modalities: list[str],
+        device: torch.device,
+        *,
+        passes: int = 1,
+        desc: str = "caching encoder outputs",
+    ) -> dict[str, "OutputCache"]:
+        """Run ``encode`` (inputs -> outputs by name) over ``loader`` ``passes`` times."""
+        from tqdm.auto import tqdm
+
+        size = len(loader.dataset)
+        per_pass: list[dict[str, list]] = []
+        bar = tqdm(total=passes * len(loader), desc=desc, leave=False)
+        for _ in range(passes):
+            chunks: dict[str, list] = {}
+            for batch in loader:
+                for name, out in encode({m: batch[m].to(device) for m in modalities}).items():
+                    chunks.setdefault(name, []).append((batch["index"], out))
+                bar.update()
+            per_pass.append(chunks)
+        bar.close()
+        out = {}
+        for name in per_pass[0]:
+            fields = [_stack_pass(p[name], size) for p in per_pass]
+            out[name] = cls(*(None if f[0] is None else torch.stack(f) for f in zip(*fields)))
+        return out
+
+    @property
+    def passes(self) -> int:
+        return self.pooled.shape[0]
+
+    def lookup(self, index: torch.Tensor, passes: torch.Tensor | None = None) -> EncoderOutput:
+        """Outputs of the clips at ``index``, from the given passes (default: random ones)."""
+        i = index.cpu()
+        p = torch.randint(0, self.passes, i.shape) if passes is None else passes.cpu()
+        pick = lambda t: None if t is None else t[p, i]  # noqa: E731
+        return EncoderOutput(pooled=pick(self.pooled), frames=pick(self.frames), logits=pick(self.logits))
+
+
+def _stack_pass(batches: list[tuple[torch.Tensor, EncoderOutput]], size: int) -> tuple:
+    index = torch.cat([i for i, _ in batches])
+    if len(index) != size or len(index.unique()) != size:
+        raise RuntimeError(f"output cache: {len(index.unique())} of {size} clips encoded")
+    order = index.argsort()
+
+    def stack(field: str) -> torch.Tensor | None:
+        values = [getattr(o, field) for _, o in batches]
+        return None if values[0] is None else torch.cat([v.float().cpu() for v in values])[order]
+
+    return stack("pooled"), stack("frames"), stack("logits")
+
+
+def concat_outputs(outputs: list[EncoderOutput], device: torch.device) -> EncoderOutput:
+    """Concatenate outputs of several batch parts along the batch."""
+
+    def cat(field: str) -> torch.Tensor | None:
+        values = [getattr(o, field) for o in outputs]
+        return None if values[0] is None else torch.cat(values).to(device)
+
+    return EncoderOutput(pooled=cat("pooled"), frames=cat("frames"), logits=cat("logits"))
 
 
 def build_partial(cfg: Any) -> Any:

@@ -6,6 +6,12 @@ construction: kept outside the module's registered children (so they are in no o
 checkpoint and no DDP wrapper), always in ``eval()``, run under ``torch.inference_mode()`` (in
 bf16 on GPU). Student and teachers see the same clips and, with ``mask_ratio > 0``, the same
 tube mask (MM-CDFSL).
+
+With ``cache_teachers`` (no masking), the teachers encode every training clip once, on its
+deterministic evaluation view, before training; training then loads only the student's
+modality and looks the teacher outputs up by clip. A distillation step then costs about a plain
+step of the student (offline distillation: the student's augmented view is matched to the
+teacher's output on the un-augmented clip).
 """
 
 from __future__ import annotations
@@ -22,7 +28,15 @@ from mmfsar.data.errors import DataError
 from mmfsar.fewshot.engine import masking_grid
 from mmfsar.losses.distill import DistillBatch, DistillSpec
 from mmfsar.models.base import EncoderOutput, build_encoder, load_export
-from mmfsar.tasks.common import TrainingModule, build_partial, encoder_inputs, modality_encoder_config, to_plain
+from mmfsar.tasks.common import (
+    OutputCache,
+    TrainingModule,
+    build_partial,
+    concat_outputs,
+    encoder_inputs,
+    modality_encoder_config,
+    to_plain,
+)
 from mmfsar.tasks.fusion import exported_modalities, given
 
 
@@ -43,9 +57,12 @@ class DistillModule(TrainingModule):
         teachers: Mapping[str, nn.Module],
         terms: Mapping[str, nn.Module],
         mask_ratio: float = 0.0,
+        cache_teachers: bool = False,
         **optim: Any,
     ) -> None:
         super().__init__(**optim)
+        if cache_teachers and mask_ratio > 0:
+            raise DataError("distill.cache_teachers needs distill.mask_ratio=0: masked teacher outputs change every step")
         if not teachers:
             raise DataError("model.teachers: give at least one exported teacher (name=path/to/encoder.pt)")
         if not terms:
@@ -54,7 +71,9 @@ class DistillModule(TrainingModule):
         self.student_config = dict(student_config)
         self.terms = nn.ModuleDict(terms)
         self.mask_ratio = mask_ratio
+        self.cache_teachers = cache_teachers
         self.teachers = _FrozenTeachers(teachers)
+        self._teacher_cache: dict[str, dict[str, OutputCache]] = {}
         self.grid = None
         if mask_ratio > 0:
             grids = {"student": masking_grid(student)} | {n: masking_grid(t) for n, t in teachers.items()}
@@ -98,6 +117,7 @@ class DistillModule(TrainingModule):
             teachers=teachers,
             terms=terms,
             mask_ratio=cfg.mask_ratio,
+            cache_teachers=cfg.get("cache_teachers", False),
             optimizer=build_partial(cfg.optimizer),
             scheduler=build_partial(cfg.scheduler),
             scale_lr=cfg.scale_lr,
@@ -109,10 +129,21 @@ class DistillModule(TrainingModule):
 
     def on_fit_start(self) -> None:
         self.teachers.to(self.device)
+        if self.cache_teachers and not self._teacher_cache:
+            dm = self.trainer.datamodule
+            modalities = sorted(self.teachers.modalities)
+            for key in dm.train_sets:
+                loader = dm.training_clips(key, modalities, augment=False)
+                self._teacher_cache[key] = OutputCache.build(
+                    self.teachers, loader, modalities, self.device, desc=f"caching teacher outputs ({key} clips)"
+                )
+            dm.keep_training_modalities(list(self.student.modalities))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        parts = [batch[k] for k in ("source", "target") if k in batch]
-        inputs = {m: torch.cat([p[m] for p in parts]) for m in self.teachers.modalities | set(self.student.modalities)}
+        keys = [k for k in ("source", "target") if k in batch]
+        parts = [batch[k] for k in keys]
+        needed = set(self.student.modalities) | (set() if self.cache_teachers else self.teachers.modalities)
+        inputs = {m: torch.cat([p[m] for p in parts]) for m in needed}
         labels = torch.cat([p["label"] for p in parts])
         kwargs = {}
         if self.grid is not None:
@@ -120,7 +151,13 @@ class DistillModule(TrainingModule):
 
             kwargs["mask"] = tube_mask(labels.shape[0], self.grid, self.mask_ratio, device=labels.device)
         student = self.student(inputs, **kwargs)
-        teachers = self.teachers(inputs, **kwargs)
+        if self.cache_teachers:
+            teachers = {
+                n: concat_outputs([self._teacher_cache[k][n].lookup(p["index"]) for k, p in zip(keys, parts)], labels.device)
+                for n in self.teachers.models
+            }
+        else:
+            teachers = self.teachers(inputs, **kwargs)
         db = DistillBatch(student=student, teachers=teachers, labels=labels)
         losses = {name: term(db) for name, term in self.terms.items()}
         loss = sum(term.weight * losses[name] for name, term in self.terms.items())

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mmfsar.data.errors import DataError
 from mmfsar.models.base import EncoderOutput, build_encoder, load_export
 from mmfsar.models.fusion import FusionTeacher
-from mmfsar.tasks.common import TrainingModule, build_partial, probe_frames, to_plain
+from mmfsar.tasks.common import OutputCache, TrainingModule, build_partial, probe_frames, to_plain
 
 
 def given(paths: Mapping[str, str | None] | None) -> dict[str, str]:
@@ -44,12 +44,24 @@ def exported_modalities(paths: Mapping[str, str], configured: Mapping[str, Any])
 
 class FusionTeacherModule(TrainingModule):
     """Trains the fusion (and, with ``freeze_encoders=False``, the encoders) of a
-    :class:`~mmfsar.models.fusion.FusionTeacher` on labelled source clips of the base classes."""
+    :class:`~mmfsar.models.fusion.FusionTeacher` on labelled source clips of the base classes.
 
-    def __init__(self, *, teacher: nn.Module, teacher_config: Mapping[str, Any], **optim: Any) -> None:
+    Frozen encoders give the same output for the same input, so with ``cache_passes > 0`` they
+    encode the training clips once per pass (each pass a new random augmentation of every clip)
+    before training, and each step fuses the cached per-frame features of one pass: training
+    the fusion then costs a small fraction of running the encoders every step.
+    """
+
+    def __init__(
+        self, *, teacher: nn.Module, teacher_config: Mapping[str, Any], cache_passes: int = 0, **optim: Any
+    ) -> None:
         super().__init__(**optim)
+        if cache_passes and not teacher.freeze_encoders:
+            raise DataError("model.cache_passes needs frozen encoders (model.freeze_encoders=true)")
         self.teacher = teacher
         self.teacher_config = dict(teacher_config)
+        self.cache_passes = cache_passes
+        self._cache: dict[str, OutputCache] = {}
         self.train_acc = MulticlassAccuracy(num_classes=teacher.head.out_features)
 
     @classmethod
@@ -81,17 +93,20 @@ class FusionTeacherModule(TrainingModule):
             "encoders": configs,
             "fusion": fusion_cfg,
             "num_classes": len(datamodule.base_classes),
+            "head": to_plain(cfg.head),
             "freeze_encoders": cfg.freeze_encoders,
         }
         teacher = FusionTeacher(
             encoders=encoders,
             fusion=instantiate(fusion_cfg, _convert_="all"),
             num_classes=teacher_cfg["num_classes"],
+            head=build_partial(cfg.head),
             freeze_encoders=cfg.freeze_encoders,
         )
         return cls(
             teacher=teacher,
             teacher_config=teacher_cfg,
+            cache_passes=cfg.get("cache_passes", 0),
             optimizer=build_partial(cfg.optimizer),
             scheduler=build_partial(cfg.scheduler),
             scale_lr=cfg.scale_lr,
@@ -101,9 +116,29 @@ class FusionTeacherModule(TrainingModule):
     def exported_encoder(self) -> tuple[nn.Module, dict[str, Any]]:
         return self.teacher, self.teacher_config
 
+    def on_fit_start(self) -> None:
+        if self.cache_passes and not self._cache:
+            dm, encoders = self.trainer.datamodule, self.teacher.encoders
+            modalities = self.teacher.modalities
+            self._cache = OutputCache.build(
+                lambda inputs: {name: enc(inputs) for name, enc in encoders.items()},
+                dm.training_clips("source", modalities, augment=True),
+                modalities,
+                self.device,
+                passes=self.cache_passes,
+                desc="caching encoder outputs",
+            )
+            dm.keep_training_modalities([])
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         src = batch["source"]
-        logits = self.teacher({m: src[m] for m in self.teacher.modalities}).logits
+        if self._cache:
+            index = src["index"]
+            passes = torch.randint(0, self.cache_passes, index.shape)
+            frames = {n: c.lookup(index, passes).frames.to(self.device) for n, c in self._cache.items()}
+            logits = self.teacher.fuse(frames).logits
+        else:
+            logits = self.teacher({m: src[m] for m in self.teacher.modalities}).logits
         loss = F.cross_entropy(logits, src["label"])
         self.train_acc(logits.detach(), src["label"])
         bs = logits.shape[0]

@@ -5,7 +5,9 @@ of per-patch-normalised tubelets (tube mask, ratio 0.9, light decoder) on labell
 and on unlabelled target clips of the base classes, plus cross-entropy of a head on the
 LayerNorm'd mean of the visible tokens. ``w_tgt = 0`` is the released MM-CDFSL code (which
 computes the target reconstruction but never adds it); without a decoder the module is a plain
-supervised classifier (e.g. a frame CNN for Lite-MKD's teachers).
+supervised classifier (e.g. a frame CNN for Lite-MKD's teachers); given unlabelled target clips
+(``data.unlabelled_target``), it encodes them in the same batch as the source clips, so batch-norm
+statistics cover both domains.
 """
 
 from __future__ import annotations
@@ -67,15 +69,10 @@ class PretrainModule(TrainingModule):
                 "sweep them with -m modality=rgb,flow,pose"
             )
         (modality,) = datamodule.modalities
-        uses_target = cfg.decoder is not None and _weight(cfg.target_recon_weight, modality) > 0
-        if uses_target != datamodule.unlabelled_target:
-            raise DataError(
-                f"data.unlabelled_target={datamodule.unlabelled_target} but the model "
-                f"{'uses' if uses_target else 'does not use'} unlabelled target clips "
-                "(target reconstruction needs model.decoder and model.target_recon_weight > 0)"
-            )
         num_classes = len(datamodule.base_classes)
-        enc_cfg = modality_encoder_config(cfg.encoder, modality, encoder_inputs(datamodule, modality), num_classes)
+        enc_cfg = modality_encoder_config(
+            cfg.encoder, modality, encoder_inputs(datamodule, modality), num_classes, cfg.get("head")
+        )
         encoder = instantiate(enc_cfg, _convert_="all")
         decoder = None
         if cfg.decoder is not None:
@@ -119,6 +116,11 @@ class PretrainModule(TrainingModule):
             logits = self.encoder.head(out.pooled)
             if self.target_recon_weight > 0:
                 losses["recon_target"], _ = self._reconstruction(batch["target"][self.modality])
+        elif "target" in batch:
+            # no reconstruction: unlabelled target clips share the batch, hence the batch-norm
+            # statistics, of the labelled source clips (AdaBN-style use of the target domain)
+            both = torch.cat([x, batch["target"][self.modality]])
+            logits = self.encoder({self.modality: both}).logits[: x.shape[0]]
         else:
             logits = self.encoder({self.modality: x}).logits
         losses["ce"] = F.cross_entropy(logits, src["label"])

@@ -349,6 +349,22 @@ def _(tr: Tracks, m: Motion) -> None:
     tr[f"{m.other}_leg_fwd"] = 1.0 * m.amp * p
 
 
+# --- the same motions with a handheld object: invisible to pose, visible to rgb / flow / depth ---
+PROP_OF_ACTION: dict[str, str] = {}
+
+
+def with_prop(name: str, motion: str, prop: str) -> None:
+    ACTIONS[name] = ACTIONS[motion]
+    PROP_OF_ACTION[name] = prop
+
+
+with_prop("swing_bat", "arm_swing", "stick")
+with_prop("throw_ball", "arm_push", "ball")
+with_prop("lift_box", "both_raise", "box")
+with_prop("wave_flag", "arm_wave", "stick")
+with_prop("push_box", "both_push", "box")
+
+
 # Class-disjoint splits, fixed so that every novel class reuses primitives seen in base classes
 # on other body parts (documented in DATA_STRUCTURE.md).
 SPLIT_OF_ACTION = {
@@ -356,13 +372,18 @@ SPLIT_OF_ACTION = {
         [
             "arm_swing", "arm_circle_out", "arm_raise", "arm_push", "arm_shake", "both_swing",
             "both_circle_out", "both_flap", "alt_swing", "alt_push", "leg_kick", "march", "squat",
-            "jump", "bend_side", "approach",
+            "jump", "bend_side", "approach", "swing_bat", "throw_ball",
         ],
         "base",
     ),
-    **dict.fromkeys(["arm_circle_in", "both_raise", "both_wave", "walk_across", "twist", "leg_side_raise"], "val"),
     **dict.fromkeys(
-        ["arm_lower", "arm_wave", "both_push", "alt_circle", "jumping_jack", "bend_forward", "recede", "punch_kick"],
+        ["arm_circle_in", "both_raise", "both_wave", "walk_across", "twist", "leg_side_raise", "lift_box"], "val"
+    ),
+    **dict.fromkeys(
+        [
+            "arm_lower", "arm_wave", "both_push", "alt_circle", "jumping_jack", "bend_forward", "recede",
+            "punch_kick", "wave_flag", "push_box",
+        ],
         "novel",
     ),
 }  # fmt: skip
@@ -384,11 +405,40 @@ def sample_motion(rng: np.random.Generator, num_frames: int, fps: float, action_
     )
 
 
-def animate(rng: np.random.Generator, action_name: str, num_frames: int, fps: float) -> np.ndarray:
-    """World joint positions (T, 15, 3) of one random performance of ``action_name``."""
+@dataclass(frozen=True)
+class Prop:
+    """A handheld object: a capsule (T, 2, 3) in world coordinates, of ``radius`` figure heights."""
+
+    kind: str
+    ends: np.ndarray
+    radius: float
+
+
+def props_of(action_name: str, joints: np.ndarray, side: str) -> list[Prop]:
+    """The object the figure holds during ``action_name`` (none for most classes)."""
+    kind = PROP_OF_ACTION.get(action_name)
+    if kind is None:
+        return []
+    wrist, elbow = joints[:, J[f"{side}_wrist"]], joints[:, J[f"{side}_elbow"]]
+    forearm = (wrist - elbow) / np.maximum(np.linalg.norm(wrist - elbow, axis=-1, keepdims=True), 1e-6)
+    if kind == "stick":
+        return [Prop(kind, np.stack([wrist, wrist + 0.3 * forearm], 1), 0.02)]
+    if kind == "ball":
+        centre = wrist + 0.05 * forearm
+        return [Prop(kind, np.stack([centre, centre], 1), 0.06)]
+    if kind == "box":
+        left, right = joints[:, J["left_wrist"]], joints[:, J["right_wrist"]]
+        return [Prop(kind, np.stack([left, right], 1), 0.07)]
+    raise ValueError(f"unknown prop {kind!r}")
+
+
+def animate(rng: np.random.Generator, action_name: str, num_frames: int, fps: float) -> tuple[np.ndarray, list[Prop]]:
+    """World joint positions (T, 15, 3) of one random performance of ``action_name``, and the
+    objects held."""
     m = sample_motion(rng, num_frames, fps, action_name)
     tr = Tracks.rest(m.t)
     ACTIONS[action_name](tr, m)
     tr["root_x"] = tr["root_x"] + rng.uniform(-0.12, 0.12)
     tr["root_z"] = tr["root_z"] + rng.uniform(-0.25, 0.25)
-    return forward_kinematics(Body.sample(rng), tr)
+    joints = forward_kinematics(Body.sample(rng), tr)
+    return joints, props_of(action_name, joints, m.side)

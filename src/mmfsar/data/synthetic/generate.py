@@ -13,7 +13,7 @@ import multiprocessing
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,7 +26,7 @@ from mmfsar.data.readers import quantize_flow
 from mmfsar.data.synthetic.actions import ACTIONS, EDGES, JOINTS, SPLIT_OF_ACTION, animate
 from mmfsar.data.synthetic.render import AUX, DOMAINS, FRAME, render_clip
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 STORAGE = {
     "rgb": {"video": {"format": "video", "reader": {"ext": ".mp4"}}, "frames": {"format": "frames", "reader": {"template": "{:06d}.jpg"}}},
     "flow": {"npy": {"format": "npy"}, "flow_xy": {"format": "flow_xy", "reader": {"bound": 8.0}}},
@@ -47,7 +47,7 @@ class SyntheticConfig:
     seed: int = 0
     clips_per_class: int = 20
     domains: tuple[str, ...] = ("source", "target")
-    classes_per_split: dict[str, int] = field(default_factory=lambda: {"base": 16, "val": 6, "novel": 8})
+    classes_per_split: dict[str, int] = field(default_factory=lambda: {"base": 18, "val": 7, "novel": 10})
     min_frames: int = 16
     max_frames: int = 24
     margin: tuple[int, int] = (0, 3)
@@ -119,10 +119,11 @@ def _clip_plan(cfg: SyntheticConfig) -> list[tuple[int, ClipRecord, int]]:
 def _render_and_write(args: tuple[SyntheticConfig, Path, int, ClipRecord, int]) -> None:
     cfg, root, number, rec, total = args
     rng = np.random.default_rng([cfg.seed, number, 1])
-    joints = animate(rng, rec.label_name, rec.num_frames, cfg.fps)
+    joints, props = animate(rng, rec.label_name, rec.num_frames, cfg.fps)
     # the figure holds still before and after the annotated range
     idx = np.clip(np.arange(total) - rec.start_frame, 0, rec.num_frames - 1)
-    out = render_clip(rng, joints[idx], rec.domain)
+    props = [replace(p, ends=p.ends[idx]) for p in props]
+    out = render_clip(rng, joints[idx], rec.domain, props)
     for modality, array in out.items():
         if modality in cfg.formats:
             _write(root / modality, rec.video, array, cfg.formats[modality], cfg.fps)

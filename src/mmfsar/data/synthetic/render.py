@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmfsar.data.synthetic.actions import EDGES, J
+from mmfsar.data.synthetic.actions import EDGES, J, Prop
 
 FRAME = 64  # RGB and keypoint resolution
 AUX = 32  # flow and depth resolution (stored at half resolution, as flow usually is)
@@ -28,6 +28,7 @@ METERS_PER_UNIT = 1.7
 FOCAL = 46.0 * CAMERA_DIST  # a figure at z=0 is ~46 px tall
 CENTER_Y = 0.55  # figure height mapped to the image centre
 WALL_DIST = CAMERA_DIST + 0.8
+LIMBS = [[J[f"{s}_{a}"] for a in parts] for s in ("left", "right") for parts in (("elbow", "wrist"), ("knee", "ankle"))]
 
 
 @dataclass(frozen=True)
@@ -47,18 +48,21 @@ class DomainStyle:
     rgb_noise: float  # std of pixel noise, 0-255
     pose_noise_px: float
     flow_noise_px: float
+    pose_occlusion: float  # probability that a limb is occluded for part of the clip
 
 
 DOMAINS: dict[str, DomainStyle] = {
     "source": DomainStyle(
         bg_hue=(0.0, 0.15), bg_sat=(0.15, 0.35), bg_val=(0.45, 0.7), bg_texture_cells=(3, 6),
-        bg_texture_amp=0.12, fig_sat=(0.55, 0.95), fig_contrast=(0.25, 0.45), distractors=(0, 2),
-        camera_shake_px=(0.0, 0.4), flicker=0.03, rgb_noise=3.0, pose_noise_px=0.6, flow_noise_px=0.05,
+        bg_texture_amp=0.12, fig_sat=(0.55, 0.95), fig_contrast=(0.3, 0.5), distractors=(0, 1),
+        camera_shake_px=(0.0, 0.4), flicker=0.03, rgb_noise=3.0, pose_noise_px=3.0, flow_noise_px=0.05,
+        pose_occlusion=0.5,
     ),
     "target": DomainStyle(
-        bg_hue=(0.45, 0.75), bg_sat=(0.1, 0.4), bg_val=(0.3, 0.75), bg_texture_cells=(8, 16, 24),
-        bg_texture_amp=0.28, fig_sat=(0.05, 0.4), fig_contrast=(0.1, 0.3), distractors=(2, 4),
-        camera_shake_px=(0.6, 2.0), flicker=0.12, rgb_noise=7.0, pose_noise_px=0.9, flow_noise_px=0.12,
+        bg_hue=(0.45, 0.75), bg_sat=(0.1, 0.4), bg_val=(0.35, 0.7), bg_texture_cells=(6, 12),
+        bg_texture_amp=0.18, fig_sat=(0.1, 0.5), fig_contrast=(0.2, 0.4), distractors=(1, 2),
+        camera_shake_px=(0.3, 1.0), flicker=0.08, rgb_noise=5.0, pose_noise_px=3.5, flow_noise_px=0.12,
+        pose_occlusion=0.6,
     ),
 }  # fmt: skip
 
@@ -143,8 +147,11 @@ def _rasterize(scene: Scene, shift: np.ndarray, res: int):
     return front, s_front, best, cover
 
 
-def build_scene(rng: np.random.Generator, joints: np.ndarray, style: DomainStyle, bg_value: float) -> Scene:
-    """Capsules of the figure (joints (T, 15, 3)) plus the domain's distractors on the wall."""
+def build_scene(
+    rng: np.random.Generator, joints: np.ndarray, props: list[Prop], style: DomainStyle, bg_value: float
+) -> Scene:
+    """Capsules of the figure (joints (T, 15, 3)), the objects it holds, and the domain's
+    distractors on the wall."""
     T = joints.shape[0]
     limb_r, torso_r, head_r = 0.035, 0.06, 0.075
     segs, radius, colour, fig = [], [], [], []
@@ -164,6 +171,11 @@ def build_scene(rng: np.random.Generator, joints: np.ndarray, style: DomainStyle
     radius.append(head_r)
     colour.append(skin_c)
     fig.append(True)
+    for prop in props:
+        segs.append(prop.ends)
+        radius.append(prop.radius)
+        colour.append(_hsv(rng.uniform(0, 1), rng.uniform(0.5, 1.0), bg_value + sign * rng.uniform(0.3, 0.5)))
+        fig.append(True)
     # distractors live on the wall, behind the figure; sticks swing like limbs, blobs drift
     n = rng.integers(style.distractors[0], style.distractors[1] + 1)
     t = np.arange(T)[:, None]
@@ -205,13 +217,13 @@ def _next(x: np.ndarray) -> np.ndarray:
     return np.concatenate([x[1:], 2 * x[-1:] - x[-2:-1]], 0)
 
 
-def render_clip(rng: np.random.Generator, joints: np.ndarray, domain: str) -> dict[str, np.ndarray]:
+def render_clip(rng: np.random.Generator, joints: np.ndarray, domain: str, props: list[Prop] = ()) -> dict[str, np.ndarray]:
     """All modalities of one clip: rgb (T,64,64,3) uint8, flow (T,32,32,2) float16 px, depth
     (T,32,32) uint16 mm, pose (T,15,3) float32 (x, y in 64-px frame, confidence)."""
     style = DOMAINS[domain]
     T = joints.shape[0]
     bg_hue, bg_sat, bg_val = (rng.uniform(*r) for r in (style.bg_hue, style.bg_sat, style.bg_val))
-    scene = build_scene(rng, joints, style, bg_val)
+    scene = build_scene(rng, joints, list(props), style, bg_val)
     shift = camera_path(rng, T, style)
 
     # --- RGB ------------------------------------------------------------------------------------
@@ -258,7 +270,12 @@ def render_clip(rng: np.random.Generator, joints: np.ndarray, domain: str) -> di
     speed = np.linalg.norm(_next(xy) - xy, axis=-1)
     noisy = xy + rng.normal(0, style.pose_noise_px, xy.shape)
     conf = rng.uniform(0.6, 1.0, size=speed.shape)
-    missed = rng.random(speed.shape) < np.minimum(0.6, 0.03 + 0.07 * speed)
+    missed = rng.random(speed.shape) < np.minimum(0.8, 0.1 + 0.15 * speed)
+    if rng.random() < style.pose_occlusion:  # a limb hidden for a stretch of the clip
+        limb = LIMBS[rng.integers(len(LIMBS))]
+        span = int(round(T * rng.uniform(0.3, 0.7)))
+        start = int(rng.integers(0, T - span + 1))
+        missed[start : start + span, limb] = True
     noisy[missed] += rng.normal(0, 4.0, (int(missed.sum()), 2))
     conf[missed] = rng.uniform(0.0, 0.2, int(missed.sum()))
     pose = np.concatenate([noisy, conf[..., None]], -1).astype(np.float32)
