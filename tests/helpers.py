@@ -40,6 +40,7 @@ def tiny(root: Path, *, batches: int | None = 2, epochs: int = 1) -> list[str]:
         f"data.root={root}",
         f"trainer.max_epochs={epochs}",
         "trainer.log_every_n_steps=1",
+        "trainer.check_val_every_n_epoch=1",
         "++trainer.enable_progress_bar=false",
         "++trainer.enable_model_summary=false",
         "data.batch_size=4",

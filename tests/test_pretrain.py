@@ -53,7 +53,7 @@ def test_sweep_trains_and_exports_every_modality(mm_cdfsl_pretrained, episode_da
         payload = torch.load(run / "encoder.pt", map_location="cpu", weights_only=True)
         assert payload["encoder"]["modality"] == modality
         assert list(payload["modalities"]) == [modality]
-        assert payload["encoder"]["backbone"]["_target_"].endswith("VideoViT")
+        assert payload["encoder"]["backbone"]["_target_"].endswith("Conv3DEncoder")
         assert payload["encoder"]["num_classes"] == 3  # the base classes of episode_dataset
         assert payload["frames"]["num_frames"] == 8
         info = payload["info"]
@@ -101,10 +101,10 @@ def test_sweep_jobs_log_to_csv_tensorboard_and_offline_wandb(mm_cdfsl_pretrained
         assert wb.exited, f"{modality}: the W&B run was not finished (no exit record)"
         assert wb.config["task_name"] == "pretrain"
         assert list(wb.config["modalities"]) == [modality]
-        assert wb.config["model"]["mask_ratio"] == pytest.approx(0.9)
+        assert wb.config["model"]["uses_unlabelled_target"] is True
         assert wb.series("val/acc") == pytest.approx(val_acc)
         assert len(wb.series("train/loss")) == 2  # trainer.log_every_n_steps=1, 2 steps
-        assert ("pretrain-encoder", "model", ["encoder.pt"]) in wb.artifacts
+        assert (f"pretrain-{modality}-encoder", "model", ["encoder.pt"]) in wb.artifacts
     assert len(run_ids) == len(MODALITIES), "the jobs of the sweep shared a W&B run"
 
 
@@ -147,7 +147,7 @@ def _ddp_case(name: str) -> list[str]:
         # MM-CDFSL pretraining: labelled source + unlabelled target loaders, ViT
         "videomae": ["experiment=mm_cdfsl_tiny/pretrain"],
         # Lite-MKD teacher pretraining: a BatchNorm CNN (trainer=ddp asks for SyncBatchNorm, GPU-only)
-        "frame_cnn": ["experiment=lite_mkd_tiny/pretrain", "model.encoder.model_name=mobilenetv3_small_050"],
+        "frame_cnn": ["experiment=lite_mkd_tiny/pretrain", "model/encoder=frame_cnn", "model.encoder.model_name=mobilenetv3_small_050"],
     }[name]
 
 

@@ -72,7 +72,7 @@ def test_default_config_is_the_documented_default_dataset():
     plan = gen._clip_plan(SyntheticConfig())
     assert len(plan) == 35 * 2 * 20
     per = Counter((rec.label_name, rec.domain) for _, rec, _ in plan)
-    assert set(per.values()) == {20} and len(per) == 60  # every class has 20 clips in each domain
+    assert set(per.values()) == {20} and len(per) == 70  # every class has 20 clips in each domain
     assert len({rec.clip_id for _, rec, _ in plan}) == len(plan)
     for _, rec, total in plan:
         assert 16 <= rec.num_frames <= 24 and 0 <= rec.start_frame <= 3
@@ -94,7 +94,7 @@ def test_tiny_dataset_meta_and_annotations_are_consistent(tiny_dataset, tiny_con
     assert Counter((r.label_name, r.domain) for r in folder.records) == {
         (c, d): 3 for c in folder.meta.split_of for d in ("source", "target")
     }
-    assert json.loads((tiny_dataset / "meta.json").read_text())["generator"] == {"version": 1, **tiny_config.to_dict()}
+    assert json.loads((tiny_dataset / "meta.json").read_text())["generator"] == {"version": 2, **tiny_config.to_dict()}
     for m in ("rgb", "flow", "pose", "depth"):
         assert len(list((tiny_dataset / m).iterdir())) == 42
     assert sorted(p.name for p in tiny_dataset.iterdir()) == ["annotations.csv", "depth", "flow", "meta.json", "pose", "rgb"]

@@ -130,14 +130,18 @@ class DistillModule(TrainingModule):
     def on_fit_start(self) -> None:
         self.teachers.to(self.device)
         if self.cache_teachers and not self._teacher_cache:
-            dm = self.trainer.datamodule
-            modalities = sorted(self.teachers.modalities)
-            for key in dm.train_sets:
-                loader = dm.training_clips(key, modalities, augment=False)
-                self._teacher_cache[key] = OutputCache.build(
-                    self.teachers, loader, modalities, self.device, desc=f"caching teacher outputs ({key} clips)"
-                )
-            dm.keep_training_modalities(list(self.student.modalities))
+            self.build_teacher_cache(self.trainer.datamodule)
+
+    def build_teacher_cache(self, datamodule: Any) -> None:
+        """Encode every training clip with the teachers once (deterministic view), then make the
+        data module load only the student's modalities."""
+        modalities = sorted(self.teachers.modalities)
+        for key in datamodule.train_sets:
+            loader = datamodule.training_clips(key, modalities, augment=False)
+            self._teacher_cache[key] = OutputCache.build(
+                self.teachers, loader, modalities, self.device, desc=f"caching teacher outputs ({key} clips)"
+            )
+        datamodule.keep_training_modalities(list(self.student.modalities))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         keys = [k for k in ("source", "target") if k in batch]

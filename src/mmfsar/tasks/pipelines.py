@@ -92,7 +92,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(lg, WandbLogger):
             import wandb
 
-            artifact = wandb.Artifact(f"{cfg.task_name}-encoder", type="model", metadata={"modalities": encoder.modalities})
+            name = f"{cfg.task_name}-{'-'.join(encoder.modalities)}-encoder"  # one artifact per modality of a sweep
+            artifact = wandb.Artifact(name, type="model", metadata={"modalities": encoder.modalities})
             artifact.add_file(str(path))
             lg.experiment.log_artifact(artifact)
     metrics["encoder"] = str(path)
