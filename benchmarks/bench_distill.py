@@ -31,7 +31,10 @@ Per recipe, on one batch of real clips (``--batch-size``, default the presets' 3
   ``torch.inference_mode()``, unmasked) per clip, the teacher being the sum of the per-modality
   teachers (mm_cdfsl) or the fusion teacher (lite_mkd); ``teacher_over_student`` is the speed-up.
   Teacher timings exclude computing flow and pose, which the student does not need
-  (``student_modalities``). For the masked recipe also the student's cost with MM-CDFSL's
+  (``student_modalities``); ``flow_extraction_ms_per_clip`` is what the flow alone costs before a
+  teacher can run (DIS, ``python -m mmfsar.prepare flow``'s default, on the clip's own sampled
+  RGB frames), and ``teacher_with_flow_over_student`` adds it. Pose needs an external detector
+  and is not timed. For the masked recipe also the student's cost with MM-CDFSL's
   ensemble masked inference (two views at the mask ratio, the ``mm_cdfsl_tiny/eval`` setting,
   through the evaluation engine's ``encode_views``).
 
@@ -287,6 +290,21 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
 
         inference["student_2_masked_views"] = student_masked_views
 
+    if "flow" in distill.teachers.modalities:
+        from mmfsar.prepare.flow import create_method, flow_frames
+
+        rgb = dm.modalities["rgb"]  # (3, 1, 1, 1) normalisation, undone to get the frames back
+        frames = ((clips["rgb"] * rgb.std + rgb.mean) * 255).round().clamp(0, 255).to(torch.uint8)
+        frames = frames.permute(0, 2, 3, 4, 1).contiguous().numpy()  # (B, T, H, W, 3)
+        dis = create_method("dis")
+
+        def flow_extraction() -> None:
+            for clip in frames:
+                for _ in flow_frames(list(clip), dis):
+                    pass
+
+        inference["flow_extraction"] = flow_extraction
+
     steps = interleaved(variants, args.warmup, args.repeats)
     infer = interleaved(inference, args.warmup, args.repeats)
     infer["teacher"] = sum(v for k, v in infer.items() if k.startswith("teacher:"))
@@ -315,6 +333,16 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
             "teacher_ms_per_clip": round(1000 * infer["teacher"] / bsz, 3),
             "teacher_ms_per_clip_each": {n: round(1000 * infer[f"teacher:{n}"] / bsz, 3) for n in teacher_models},
             "teacher_over_student": round(infer["teacher"] / infer["student"], 2),
+            **(
+                {
+                    "flow_extraction_ms_per_clip": round(1000 * infer["flow_extraction"] / bsz, 3),
+                    "teacher_with_flow_over_student": round(
+                        (infer["teacher"] + infer["flow_extraction"]) / infer["student"], 2
+                    ),
+                }
+                if "flow_extraction" in infer
+                else {}
+            ),
             **(
                 {
                     "student_2_masked_views_ms_per_clip": round(1000 * infer["student_2_masked_views"] / bsz, 3),

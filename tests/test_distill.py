@@ -259,3 +259,61 @@ def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_
     if recipe == "mm_cdfsl":  # started from the RGB pretraining (without its head)
         init = load_export(sweep.encoder("rgb"))["state_dict"]
         assert all(torch.equal(v, init[k]) for k, v in student_before.items())
+
+
+# ViT geometry for the synthetic data: 64-px streams, 8 frames (the paper's 224 px / 16 frames
+# need a GPU); everything else is the published preset.
+VIT_ON_SYNTHETIC = ["model/encoder=vit_tiny", "input=synthetic", "data.frames.num_frames=8"]
+
+
+@pytest.mark.slow
+def test_mm_cdfsl_vit_chain(episode_dataset, tmp_path, wandb_home):
+    """``experiment=mm_cdfsl/{pretrain,distill,eval}`` with VideoMAE-style ViTs: masked
+    reconstruction (tube mask 0.9, decoder) in stage 1, translation MSE under the shared tube
+    mask 0.75 in stage 2, and two masked query views in the evaluation."""
+    sweep = tmp_path / "pretrain"
+    run_entry(
+        "lit_main_pretrain.py",
+        "-m",
+        "experiment=mm_cdfsl/pretrain",
+        f"modality={','.join(MODALITIES)}",
+        f"hydra.sweep.dir={sweep}",
+        *VIT_ON_SYNTHETIC,
+        *tiny(episode_dataset),
+        home=wandb_home,
+        timeout=1800,
+    )
+    exports = {}
+    for job in sweep.glob("[0-9]*"):
+        payload = load_export(job / "encoder.pt")
+        exports[payload["encoder"]["modality"]] = job / "encoder.pt"
+        assert payload["encoder"]["backbone"]["_target_"].endswith("VideoViT")
+        state = checkpoint(job / "checkpoints" / "last.ckpt")["state_dict"]
+        assert any(k.startswith("decoder.") for k in state), "stage 1 did not train a reconstruction decoder"
+    assert sorted(exports) == sorted(MODALITIES)
+
+    run = tmp_path / "distill"
+    output = run_entry(
+        "lit_main_distill.py",
+        "experiment=mm_cdfsl/distill",
+        f"model.init_from={exports['rgb']}",
+        *[f"model.teachers.{m}={p}" for m, p in exports.items()],
+        f"hydra.run.dir={run}",
+        *VIT_ON_SYNTHETIC,
+        *tiny(episode_dataset),
+        home=wandb_home,
+        timeout=1800,
+    )
+    composed = (run / ".hydra" / "config.yaml").read_text()
+    assert "mask_ratio: 0.75" in composed, output[-2000:]
+    check_student_run(run, backbone="VideoViT")
+
+    out = tmp_path / "eval"
+    run_entry(
+        "lit_main_eval.py",
+        "experiment=mm_cdfsl/eval",
+        *eval_overrides(episode_dataset, run / "encoder.pt", out),
+        home=wandb_home,
+    )
+    results = check_results(out, run / "encoder.pt", "LogisticRegressionClassifier")
+    assert results["views"] == 2 and results["mask_ratio"] == 0.75
