@@ -239,3 +239,22 @@ def test_fusion_teacher_exports_and_rebuilds(tmp_path):
     rebuilt = build_encoder(path).eval()
     inputs = clips(teacher.modalities, seed=4)
     assert torch.equal(rebuilt(inputs).pooled, teacher(inputs).pooled)
+
+
+def test_exported_modalities_feed_encoders_as_trained(tmp_path):
+    """The stored modality settings of an export win; a configured modality that reads clips
+    differently is an error naming the key, while ``encoder_args`` (how a new encoder would be
+    shaped; the export has its own) may differ."""
+    from mmfsar.data.errors import DataError
+    from mmfsar.tasks.fusion import exported_modalities
+
+    stored = {"_target_": "mmfsar.data.modalities.RGB", "size": 64, "encoder_args": {"widths": [16, 32]}}
+    encoder = ModalityEncoder(modality="rgb", backbone=TinyBackbone(dim=8))
+    config = {"_target_": "mmfsar.models.base.ModalityEncoder", "modality": "rgb",
+              "backbone": {"_target_": f"{TinyBackbone.__module__}.TinyBackbone", "dim": 8}}  # fmt: skip
+    path = export_encoder(tmp_path / "encoder.pt", encoder, encoder_config=config, modalities={"rgb": stored}, frames={})
+
+    same_reading = {"rgb": {**stored, "encoder_args": {}}, "flow": {"size": 32}}
+    assert exported_modalities({"rgb": str(path)}, same_reading) == {"rgb": stored, "flow": {"size": 32}}
+    with pytest.raises(DataError, match=r"modality 'rgb'.*\['size'\]"):
+        exported_modalities({"rgb": str(path)}, {"rgb": {**stored, "size": 32}})

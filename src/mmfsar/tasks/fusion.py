@@ -27,13 +27,15 @@ def exported_modalities(paths: Mapping[str, str], configured: Mapping[str, Any])
     """Configured modalities plus those the exported encoders at ``paths`` were trained on.
 
     An exported encoder must be fed exactly as it was trained, so its stored modality config is
-    used; a configured modality of the same name with different settings is an error.
+    used; a configured modality of the same name that reads clips differently is an error.
+    ``encoder_args`` are not compared: they shape a new encoder, and the export carries its own.
     """
     out = dict(to_plain(configured) or {})
     for name, path in given(paths).items():
         for m, mcfg in load_export(path)["modalities"].items():
-            if m in out and out[m] != mcfg:
-                diff = sorted(k for k in set(out[m]) | set(mcfg) if out[m].get(k) != mcfg.get(k))
+            keys = (set(out.get(m, {})) | set(mcfg)) - {"encoder_args"}
+            diff = sorted(k for k in keys if out[m].get(k) != mcfg.get(k)) if m in out else []
+            if diff:
                 raise DataError(
                     f"modality {m!r}: the configured settings differ from those encoder {name!r} ({path}) "
                     f"was trained with, in keys {diff}; drop modality={m} or match modalities.{m}"
