@@ -170,6 +170,9 @@ def test_a_failing_generation_leaves_nothing_behind(tmp_path, monkeypatch, worke
 def _start_generator(root: Path) -> subprocess.Popen:
     """A generator in its own process group, big enough (280 clips) to be caught mid-way."""
     code = (
+        # as in a terminal: Ctrl-C raises KeyboardInterrupt even if this test process (or a
+        # library it ran) ignores SIGINT, which a child would otherwise inherit
+        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from mmfsar.data.synthetic import SyntheticConfig, generate\n"
         "cfg = SyntheticConfig(clips_per_class=20, classes_per_split={'base': 3, 'val': 2, 'novel': 2})\n"
         f"generate(cfg, {str(root)!r}, workers=2, progress=False)\n"
