@@ -355,7 +355,7 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
             "teacher_modalities": sorted(distill.teachers.modalities),
         }
     )
-    if args.profile:
+    if args.profile and not distill.cache_teachers:  # cached teachers: nothing of theirs runs per step
         out["distill_step_breakdown_ms"] = profile_distill(distill, batch, args.warmup, args.repeats)
     return out
 
