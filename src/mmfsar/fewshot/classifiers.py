@@ -545,6 +545,11 @@ def _newton_logistic(
     return theta, converged, steps
 
 
+def _select(mask: Tensor, new: tuple[Tensor, ...], old: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Per episode (leading dim), ``new`` where ``mask`` is set, else ``old``."""
+    return tuple(torch.where(mask.view(-1, *[1] * (n.dim() - 1)), n, o) for n, o in zip(new, old, strict=True))
+
+
 def _lbfgs_logistic(
     features: Tensor,
     labels: Tensor,
@@ -701,18 +706,10 @@ def _lbfgs_logistic(
                 g_trial = (r_trial * along).sum((1, 2))
                 g_trial += torch.linalg.vecdot(penalised_direction, trial_theta)
                 finished = search.update(pending, f_trial, g_trial.mul_(inverse_shots))
-                if everyone:
-                    new_theta, new_logits, new_value, new_residual = (
-                        trial_theta,
-                        trial_logits,
-                        f_trial,
-                        r_trial,
-                    )
-                else:
-                    new_theta = torch.where(pending[:, None], trial_theta, new_theta)
-                    new_logits = torch.where(pending[:, None, None], trial_logits, new_logits)
-                    new_value = torch.where(pending, f_trial, new_value)
-                    new_residual = torch.where(pending[:, None, None], r_trial, new_residual)
+                trial = (trial_theta, trial_logits, f_trial, r_trial)
+                new_theta, new_logits, new_value, new_residual = (
+                    trial if everyone else _select(pending, trial, (new_theta, new_logits, new_value, new_residual))
+                )
             else:  # a few episodes still searching: evaluate only theirs
                 step_size = search.step.index_select(0, live)
                 part = direction.index_select(0, live)
@@ -757,20 +754,10 @@ def _lbfgs_logistic(
         small_decrease = (value - new_value) <= 64 * eps * torch.maximum(
             torch.maximum(value.abs(), new_value.abs()), torch.ones_like(value)
         )
-        if all_ok:
-            theta, logits, value, grad, residual = (
-                new_theta,
-                new_logits,
-                new_value,
-                new_grad,
-                new_residual,
-            )
-        else:
-            theta = torch.where(ok[:, None], new_theta, theta)
-            logits = torch.where(ok[:, None, None], new_logits, logits)
-            value = torch.where(ok, new_value, value)
-            grad = torch.where(ok[:, None], new_grad, grad)
-            residual = torch.where(ok[:, None, None], new_residual, residual)
+        accepted = (new_theta, new_logits, new_value, new_grad, new_residual)
+        theta, logits, value, grad, residual = (
+            accepted if all_ok else _select(ok, accepted, (theta, logits, value, grad, residual))
+        )
         stop_now = ok & (gradient_small(grad, ids, ok) | small_decrease) & (iterations < max_iter)
         converged = converged | stop_now
         running = running & ~(abnormal | stop_now | (ok & (iterations >= max_iter)))

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mmfsar.data.episodes import EpisodeSet
+from mmfsar.models.base import plain_config
 
 
 class FeatureBank:
@@ -169,8 +170,8 @@ def feature_cache_key(
         "annotations_sha256": file_sha256(root / annotation_file) if (root / annotation_file).is_file() else None,
         "clips": len(clip_ids),
         "clips_sha256": hashlib.sha256("\n".join(clip_ids).encode()).hexdigest(),
-        "modalities": _plain(modalities),
-        "frames": _plain(frames),
+        "modalities": plain_config(modalities),
+        "frames": plain_config(frames),
         "views": int(views),
         "mask_ratio": float(mask_ratio),
         "mask_seed": int(mask_seed),
@@ -219,18 +220,3 @@ class FeatureCache:
         torch.save({"info": dict(info), "clip_ids": list(clip_ids), "features": features.detach().float().cpu()}, tmp)
         tmp.replace(path)
         return path
-
-
-def _plain(obj: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj

@@ -100,11 +100,11 @@ def export_encoder(
     payload = {
         "format": EXPORT_FORMAT,
         "mmfsar_version": mmfsar.__version__,
-        "encoder": _without_pretrained(_plain(encoder_config)),
-        "modalities": _plain(modalities),
-        "frames": _plain(frames),
+        "encoder": _without_pretrained(plain_config(encoder_config)),
+        "modalities": plain_config(modalities),
+        "frames": plain_config(frames),
         "feature_dim": int(encoder.feature_dim),
-        "info": _plain(info or {}),
+        "info": plain_config(info or {}),
         "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -152,8 +152,8 @@ def _without_pretrained(cfg: Any) -> Any:
     return cfg
 
 
-def _plain(obj: Any) -> Any:
-    """OmegaConf / tuples -> plain dicts and lists (weights-only loadable)."""
+def plain_config(obj: Any) -> Any:
+    """OmegaConf / tuples / paths -> plain dicts, lists and strings (weights-only loadable)."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -162,9 +162,9 @@ def _plain(obj: Any) -> Any:
     except ImportError:  # pragma: no cover
         pass
     if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): plain_config(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain_config(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     return obj
