@@ -1,4 +1,5 @@
-"""Classifier heads over clip features (plug-ins: ``head: {_target_: ..., _partial_: true}``)."""
+"""Classifier heads over clip features (plug-ins: ``head: {_target_: ..., _partial_: true}``,
+built as ``head(in_features, num_classes)``; the linear head is ``torch.nn.Linear`` itself)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,3 @@ class CosineClassifier(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.scale * F.normalize(features, dim=-1) @ F.normalize(self.weight, dim=-1).T
 
-
-def linear_head(in_features: int, num_classes: int) -> nn.Module:
-    """The default head: ``nn.Linear``."""
-    return nn.Linear(in_features, num_classes)
