@@ -9,7 +9,7 @@ dataset (``data/synthetic``, generated on first use) with one encoder and one ep
   (c) the protocol of MM-CDFSL's released code: every episode loads and encodes its support and
       query clips again, then fits its classifier; ``--reencode-episodes`` episodes are timed
       and the time is scaled to 600;
-  (d) the batched torch logistic regression vs scikit-learn fitted per episode, on the features
+  (d) mmfsar's logistic regression (all episodes at once) vs scikit-learn fitted per episode, on the features
       of (b) and its 600 episodes (``bench_logreg.run``).
 
 ``--classifier`` is the classifier of (b) and (c): ``logreg`` (default; MM-CDFSL's: torch's

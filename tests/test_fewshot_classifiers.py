@@ -361,6 +361,41 @@ def test_linear_head_select_and_shape_check():
         part.predict_proba(torch.randn(3, 5, 8))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_compiled_scoring_by_position_matches_gathering(dtype, normalize):
+    # The CPU path scores queries where they lie in the cache (compiled); the other devices'
+    # path gathers them and uses predict_proba. Same probabilities, views averaged.
+    generator = torch.Generator().manual_seed(0)
+    views, dim = 2, 12
+    source = torch.randn(30, views * dim, generator=generator, dtype=dtype) * 3
+    positions = torch.randint(0, 30, (7, 9), generator=generator)
+    head = LinearHead(
+        torch.randn(7, 4, dim, generator=generator, dtype=dtype), torch.randn(7, 4, generator=generator, dtype=dtype), normalize
+    )
+    probs = head.predict_proba_at(source, positions, views)
+    gathered = source[positions].view(7, 9 * views, dim)
+    expected = head.predict_proba(gathered).view(7, 9, views, 4).mean(2)
+    assert probs.dtype == dtype and probs.shape == (7, 9, 4)
+    assert torch.allclose(probs, expected, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    with pytest.raises(ValueError, match="source must be"):
+        head.predict_proba_at(source, positions, views=3)
+
+
+def test_logistic_regression_does_not_depend_on_the_thread_count():
+    features = structured_features(classes=12, per_class=25, dim=64, spread=4.0, seed=2).float()
+    episodes = random_episodes(12, 25, n_way=5, k_shot=3, n_query=6, count=64, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(episode_probabilities(LogisticRegressionClassifier(), features, episodes, 3))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
 @pytest.mark.parametrize(
     "name,cls",
     [

@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mmfsar.fewshot import LogisticRegressionClassifier, PrototypeClassifier, solve_episodes
-from mmfsar.fewshot.classifiers import _LineSearch
+from mmfsar.fewshot.compiled import LINE_SEARCH_STATE, dcsrch, dcsrch_start
 from mmfsar.fewshot.engine import FeatureBank, view_masks
 from mmfsar.tasks.evaluate import FewShotEvalModule, default_chunk
 from mmfsar.utils.hydra_callbacks import SweepResultsTable
@@ -76,46 +76,40 @@ def test_eval_module_rejects_bad_view_settings():
         FewShotEvalModule(encoder=encoder, classifier=classifier, views=0)
 
 
-def test_line_search_in_numpy_and_in_torch_agree():
-    # The Moré–Thuente state machine runs on NumPy views on the CPU and in torch elsewhere; both
-    # must take the same steps. A batch of 1-d quadratics and quartics, searched to the end.
+def test_compiled_line_search_takes_minpack_steps():
+    # The replay's Moré–Thuente search must propose exactly the steps of MINPACK-2's dcsrch
+    # (SciPy's Python port, the reference here) on 1-d quadratics plus quartics, where the
+    # searches extrapolate, bracket and interpolate.
+    from scipy.optimize._dcsrch import DCSRCH
+
     rng = np.random.default_rng(0)
-    count = 64
-    a = torch.from_numpy(rng.uniform(0.1, 10, count))
-    b = torch.from_numpy(rng.uniform(-5, -0.1, count))
-    quartic = torch.from_numpy(rng.uniform(0, 2, count))
+    count = 96
+    curvature = np.where(rng.random(count) < 0.3, 0.0, rng.uniform(0.1, 10, count))  # some nearly linear
+    quartics = 10.0 ** rng.uniform(-6, 0.3, count)
+    searched = 0
+    for a, b, quartic, first in zip(curvature, rng.uniform(-5, -0.1, count), quartics, 10.0 ** rng.uniform(-3, 1, count)):
 
-    def f_and_g(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return a * t * t / 2 + b * t + quartic * t**4, a * t + b + 4 * quartic * t**3
+        def f(t: float) -> float:
+            return a * t * t / 2 + b * t + quartic * t**4
 
-    def search(use_numpy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        f0, g0 = f_and_g(torch.zeros(count, dtype=torch.float64))
-        ls = _LineSearch(f0, g0, torch.full((count,), 1e-3, dtype=torch.float64))
-        if not use_numpy:  # the torch path, as on a GPU
-            torch_state = _LineSearch.__new__(_LineSearch)
-            torch_state._cpu, torch_state.xp = False, torch
-            for name in (*_LineSearch._state, "last_stp", "finit", "ginit", "gtest"):
-                value = getattr(ls, name)
-                setattr(torch_state, name, torch.from_numpy(np.asarray(value)).clone())
-            ls = torch_state
-        pending = torch.ones(count, dtype=torch.bool)
-        evaluations = torch.zeros(count, dtype=torch.long)
-        for _ in range(50):
-            f, g = f_and_g(ls.step)
-            finished = ls.update(pending, f, g)
-            evaluations += pending.long()
-            pending = pending & ~finished
-            if not bool(pending.any()):
-                break
-        return ls.last_step.clone(), evaluations
+        def g(t: float) -> float:
+            return a * t + b + 4 * quartic * t**3
 
-    steps_np, evals_np = search(True)
-    steps_torch, evals_torch = search(False)
-    assert torch.equal(evals_np, evals_torch) and torch.allclose(steps_np, steps_torch, rtol=1e-12, atol=0)
-    assert int(evals_np.max()) > 1, "the searches extrapolated (more than one trial)"
-    _, g = f_and_g(steps_np)
-    _, g0 = f_and_g(torch.zeros(count, dtype=torch.float64))
-    assert bool((g.abs() <= 0.9 * g0.abs() + 1e-12).all()), "strong Wolfe curvature condition"
+        reference = DCSRCH(f, g, ftol=1e-3, gtol=0.9, xtol=0.1, stpmin=0.0, stpmax=1e10)
+        expected, (stp, _, _, task) = [], reference._iterate(first, f(0.0), g(0.0), b"START")
+        while task[:2] == b"FG":
+            expected.append(stp)
+            stp, _, _, task = reference._iterate(stp, f(stp), g(stp), task)
+
+        state = np.empty(LINE_SEARCH_STATE)
+        dcsrch_start(state, f(0.0), g(0.0), first)
+        steps = [state[0]]
+        while not dcsrch(state, f(steps[-1]), g(steps[-1])):
+            steps.append(state[0])
+        assert np.allclose(steps, expected, rtol=1e-12, atol=0), (steps, expected)
+        assert abs(g(steps[-1])) <= 0.9 * abs(g(0.0)) + 1e-12, "strong Wolfe curvature condition"
+        searched += len(steps) > 1
+    assert searched > 10, "the searches took several trials"
 
 
 def test_sweep_table_from_job_results(tmp_path: Path):
