@@ -35,7 +35,7 @@ _EPS = float(np.finfo(np.float64).eps)
 _FTOL, _GTOL, _XTOL, _STPMIN, _STPMAX = 1e-3, 0.9, 0.1, 0.0, 1e10
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def _dcstep(stx, fx, dx, sty, fy, dy, stp, fp, dp, brackt, stpmin, stpmax):
     """MINPACK-2 ``dcstep``: a safeguarded cubic/quadratic step and the new uncertainty interval.
 
@@ -105,7 +105,7 @@ _STP, _STX, _FX, _GX, _STY, _FY, _GY, _STMIN, _STMAX, _WIDTH, _WIDTH1, _FINIT, _
 LINE_SEARCH_STATE = 16
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def dcsrch_start(state, f0, g0, stp):
     """Start a Moré–Thuente search from f(0) = f0, f'(0) = g0 < 0 at first step ``stp``."""
     state[_STP] = stp
@@ -118,7 +118,7 @@ def dcsrch_start(state, f0, g0, stp):
     state[_BRACKT], state[_STAGE2] = 0.0, 0.0
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def dcsrch(state, f, g):
     """One call of MINPACK-2 ``dcsrch`` with f and f' at ``state[0]``, the step just evaluated.
 
@@ -163,7 +163,7 @@ def dcsrch(state, f, g):
     return False
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def _evaluate(theta, logits, labels, penalty, residual):
     """Scaled objective ``mean CE + ½·Σ penalty·θ²/S`` at theta; writes P - Y into residual."""
     n_way, shots = logits.shape
@@ -190,7 +190,7 @@ def _evaluate(theta, logits, labels, penalty, residual):
     return value / shots
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def _gradient(theta, residual, z, lengths, penalty, out):
     """Gradient of the scaled objective: ((P - Y)·[Z, 1] + penalty·θ) / S, class-major.
 
@@ -216,7 +216,7 @@ def _gradient(theta, residual, z, lengths, penalty, out):
         out[base + rank] = intercept * inverse
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def _logits_along(direction, z, lengths, out):
     """out (N, S) = direction (class-major) · [Z, 1]ᵀ: the change of the logits per unit step."""
     n_way, shots = out.shape
@@ -231,7 +231,7 @@ def _logits_along(direction, z, lengths, out):
             out[n, s] = a
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def _gradient_small(grad, n_way, tol, x, coef_map, use_basis, coefficients, mapped, column, probe):
     """scikit-learn's stopping test: the largest |gradient entry| <= tol in its coordinates.
 
@@ -323,7 +323,7 @@ def _workspace(n_way: int, shots: int, rank: int, dim: int, memory: int):
 _workspace = numba.njit(cache=True, nogil=True)(_workspace)
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def _solve_one(ze, me, xe, label, n_way, penalty, max_iter, tol, use_basis, memory, max_line_search, work, out):
     """One episode's solve on reduced features ze (S, r): scikit-learn's lbfgs (SciPy's
     L-BFGS-B without bounds). Writes theta (N, r + 1) into ``out``; returns (converged, n_iter).
@@ -449,7 +449,7 @@ def _solve_one(ze, me, xe, label, n_way, penalty, max_iter, tol, use_basis, memo
     return converged, iterations
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def _gram_one(xe, row, out):
     """out (S, S) = xe·xeᵀ in float64; row: (D,) scratch."""
     shots, dim = xe.shape
@@ -465,7 +465,7 @@ def _gram_one(xe, row, out):
             out[b, a] = total
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def _cholesky_reduction(gram, z, coef_map, inverse):
     """Z = L (Cholesky gram = L·Lᵀ) and M = L⁻ᵀ; False when the Gram matrix is singular or
     badly conditioned (smallest diagonal entry of L <= 1e-5 x its largest), as for
@@ -507,7 +507,7 @@ def _cholesky_reduction(gram, z, coef_map, inverse):
     return True
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def _weights_one(xe, me, theta, use_basis, coefficients, total, weight, bias):
     """Episode weights in the original coordinates: W = (Xᵀ·M·B)ᵀ (or B), and intercepts.
 
@@ -536,7 +536,7 @@ def _weights_one(xe, me, theta, use_basis, coefficients, total, weight, bias):
             weight[n, i] = total[i]
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def _fit_range(
     x, labels, n_way, penalty, max_iter, tol, memory, max_line_search,
     weight, bias, converged, iterations, reduced, start, stop,
@@ -561,7 +561,7 @@ def _fit_range(
         _weights_one(xe, coef_map, theta, True, coefficients, row, weight[e], bias[e])
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def _solve_range(
     z, coef_map, x, labels, use_basis, n_way, penalty, max_iter, tol, memory, max_line_search,
     weight, bias, converged, iterations, start, stop,
@@ -592,7 +592,7 @@ def _split(function, episodes: int, threads: int, *args) -> None:
             job.result()
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def _gram_range(x, out, start, stop):
     row = np.empty(x.shape[2])
     for e in range(start, stop):
@@ -612,7 +612,7 @@ def support_gram(x: np.ndarray, *, threads: int = 1) -> np.ndarray:
     return out
 
 
-@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+@numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
 def _score_range(source, positions, weight, bias, views, normalize, out, start, stop):
     n_way, dim = weight.shape[1], weight.shape[2]
     logits = np.empty(n_way)
