@@ -378,6 +378,8 @@ def test_compiled_scoring_by_position_matches_gathering(dtype, normalize):
     expected = head.predict_proba(gathered).view(7, 9, views, 4).mean(2)
     assert probs.dtype == dtype and probs.shape == (7, 9, 4)
     assert torch.allclose(probs, expected, atol=1e-5 if dtype == torch.float32 else 1e-12)
+    blocks = head._predict_proba_gathered(source, positions, views)  # the path off the CPU
+    assert torch.allclose(blocks, expected, atol=1e-6 if dtype == torch.float32 else 1e-12)
     with pytest.raises(ValueError, match="source must be"):
         head.predict_proba_at(source, positions, views=3)
 

@@ -123,8 +123,12 @@ class LinearHead:
                 threads=torch.get_num_threads(),
             )
             return torch.from_numpy(probs).to(dtype)
-        # Elsewhere gathered and scored a few episodes at a time: small blocks (~1.5 MB) stay
-        # in cache and avoid allocating (and page-faulting) one large tensor.
+        return self._predict_proba_gathered(source, positions, views)
+
+    def _predict_proba_gathered(self, source: Tensor, positions: Tensor, views: int) -> Tensor:
+        """:meth:`predict_proba_at` off the CPU: queries gathered and scored a few episodes at a
+        time (small blocks, ~1.5 MB, stay in cache and avoid allocating one large tensor)."""
+        dim, dtype = self.weight.shape[2], _compute_dtype(source)
         episodes, queries = positions.shape
         out = source.new_empty(episodes, queries, self.weight.shape[1], dtype=dtype)
         per_block = max(1, (3 << 19) // (queries * views * dim * source.element_size()))
