@@ -30,7 +30,6 @@ from torch import Tensor
 
 from mmfsar.fewshot.compiled import (
     lbfgs_fit,
-    lbfgs_fit_reduced,
     linear_head_probabilities,
     support_gram,
 )
@@ -462,14 +461,14 @@ class LogisticRegressionClassifier(EpisodeClassifier):
         options = dict(C=C, max_iter=self.max_iter, tol=self.tol, threads=torch.get_num_threads())
         support, y = x.detach().cpu().numpy(), labels.detach().cpu().numpy()
         if x.shape[1] >= x.shape[2]:  # no reduction: solve on the features themselves
-            out = lbfgs_fit_reduced(support.astype(np.float64), None, support, y, n_way, **options)
+            *out, _ = lbfgs_fit(support, y, n_way, reduction=(support, None), **options)
         else:
-            *out, reduced = lbfgs_fit(support, y, n_way, **options)
-            if not reduced.all():  # singular or ill-conditioned Gram matrices: eigendecomposition
-                rows = np.flatnonzero(~reduced)
+            *out, solved = lbfgs_fit(support, y, n_way, **options)
+            if not solved.all():  # singular or ill-conditioned Gram matrices: eigendecomposition
+                rows = np.flatnonzero(~solved)
                 features, coef_map = _kernel_reduction(x[torch.from_numpy(rows).to(x.device)].cpu())
-                redone = lbfgs_fit_reduced(
-                    features.numpy(), coef_map.numpy(), support[rows], y[rows], n_way, **options
+                *redone, _ = lbfgs_fit(
+                    support[rows], y[rows], n_way, reduction=(features.numpy(), coef_map.numpy()), **options
                 )
                 for whole, part in zip(out, redone):
                     whole[rows] = part

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 
-__all__ = ["lbfgs_fit", "lbfgs_fit_reduced", "linear_head_probabilities", "support_gram"]
+__all__ = ["lbfgs_fit", "linear_head_probabilities", "support_gram"]
 
 # Reassociation and contraction let reductions vectorise (round-off only); inf and NaN keep
 # their meaning, which the line search relies on.
@@ -42,28 +42,23 @@ def _dcstep(stx, fx, dx, sty, fy, dy, stp, fp, dp, brackt, stpmin, stpmax):
     Returns (stx, fx, dx, sty, fy, dy, new step, brackt).
     """
     sgnd = dp * np.sign(dx)
+    # The cubic through (stx, fx, dx) and (stp, fp, dp), used by the first three cases.
+    theta = 3.0 * (fx - fp) / (stp - stx) + dx + dp
+    s = max(abs(theta), abs(dx), abs(dp))
+    gamma = s * math.sqrt(max((theta / s) ** 2 - (dx / s) * (dp / s), 0.0))
     if fp > fx:  # higher value: the minimum is bracketed
-        theta = 3.0 * (fx - fp) / (stp - stx) + dx + dp
-        s = max(abs(theta), abs(dx), abs(dp))
-        gamma = s * math.sqrt(max((theta / s) ** 2 - (dx / s) * (dp / s), 0.0))
         if stp < stx:
             gamma = -gamma
         stpc = stx + (gamma - dx + theta) / (gamma - dx + gamma + dp) * (stp - stx)
         stpq = stx + dx / ((fx - fp) / (stp - stx) + dx) / 2.0 * (stp - stx)
         step = stpc if abs(stpc - stx) < abs(stpq - stx) else stpc + (stpq - stpc) / 2.0
     elif sgnd < 0:  # derivatives of opposite sign: bracketed
-        theta = 3.0 * (fx - fp) / (stp - stx) + dx + dp
-        s = max(abs(theta), abs(dx), abs(dp))
-        gamma = s * math.sqrt(max((theta / s) ** 2 - (dx / s) * (dp / s), 0.0))
         if stp > stx:
             gamma = -gamma
         stpc = stp + (gamma - dp + theta) / (gamma - dp + gamma + dx) * (stx - stp)
         secant = stp + dp / (dp - dx) * (stx - stp)
         step = stpc if abs(stpc - stp) > abs(secant - stp) else secant
     elif abs(dp) < abs(dx):  # same sign, derivative decreases in magnitude
-        theta = 3.0 * (fx - fp) / (stp - stx) + dx + dp
-        s = max(abs(theta), abs(dx), abs(dp))
-        gamma = s * math.sqrt(max((theta / s) ** 2 - (dx / s) * (dp / s), 0.0))
         if stp > stx:
             gamma = -gamma
         r = (gamma - dp + theta) / (gamma + (dx - dp) + gamma)
@@ -685,20 +680,12 @@ _ALGORITHM = """
 """
 
 
-def _outputs(episodes: int, n_way: int, dim: int, dtype) -> tuple[np.ndarray, ...]:
-    return (
-        np.zeros((episodes, n_way, dim), dtype=dtype),
-        np.zeros((episodes, n_way)),
-        np.zeros(episodes, dtype=np.bool_),
-        np.zeros(episodes, dtype=np.int64),
-    )
-
-
 def lbfgs_fit(
     support: np.ndarray,
     labels: np.ndarray,
     n_way: int,
     *,
+    reduction: tuple[np.ndarray, np.ndarray | None] | None = None,
     C: float = 1.0,
     max_iter: int = 100,
     tol: float = 1e-4,
@@ -708,59 +695,40 @@ def lbfgs_fit(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """scikit-learn's ``LogisticRegression(C=C, tol=tol, max_iter=max_iter).fit`` for E episodes.
 
-    support (E, S, D) float32 or float64 with S < D, labels (E, S) in [0, n_way). Each episode
-    is reduced to S dimensions by the Cholesky factor of its Gram matrix (see
-    :class:`~mmfsar.fewshot.LogisticRegressionClassifier`), solved, and mapped back.
-    Returns weight (E, N, D) in the support's dtype, bias (E, N), converged (E,),
-    iterations (E,) (scikit-learn's ``n_iter_``) and reduced (E,): False for episodes whose
-    Gram matrix is singular or badly conditioned (repeated clips), which are left unsolved for
-    another reduction and :func:`lbfgs_fit_reduced`. ``threads``: episodes are split over this
-    many threads.
+    support (E, S, D) float32 or float64, labels (E, S) in [0, n_way). By default (S < D) each
+    episode is reduced to S dimensions by the Cholesky factor of its Gram matrix (see
+    :class:`~mmfsar.fewshot.LogisticRegressionClassifier`), solved, and mapped back; episodes
+    whose Gram matrix is singular or badly conditioned (repeated clips) are left unsolved and
+    flagged. ``reduction=(features, coef_map)`` gives the reduced features (E, S, r) and their
+    map (E, S, r) (Q = Xᵀ·M orthonormal) instead, e.g. from an eigendecomposition, or, with
+    ``coef_map=None``, solves on ``features`` = the support in float64 itself. ``threads``:
+    episodes are split over this many threads.
+
+    Returns weight (E, N, D) in the support's dtype, bias (E, N), converged (E,), iterations
+    (E,) (scikit-learn's ``n_iter_``) and solved (E,) (False: left for another reduction).
     """
     support = np.ascontiguousarray(support)
     episodes, shots, dim = support.shape
-    if shots >= dim:
-        raise ValueError(f"the kernel reduction needs fewer support clips than dimensions, got {shots} >= {dim}")
     labels = np.ascontiguousarray(labels, dtype=np.int64)
-    weight, bias, converged, iterations = _outputs(episodes, n_way, dim, support.dtype)
-    reduced = np.zeros(episodes, dtype=np.bool_)
-    _split(
-        _fit_range, episodes, threads, support, labels, n_way, 1.0 / C, int(max_iter), float(tol), int(memory),
-        int(max_line_search), weight, bias, converged, iterations, reduced,
-    )  # fmt: skip
-    return weight, bias, converged, iterations, reduced
-
-
-def lbfgs_fit_reduced(
-    features: np.ndarray,
-    coef_map: np.ndarray | None,
-    support: np.ndarray,
-    labels: np.ndarray,
-    n_way: int,
-    *,
-    C: float = 1.0,
-    max_iter: int = 100,
-    tol: float = 1e-4,
-    memory: int = 10,
-    max_line_search: int = 50,
-    threads: int = 1,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`lbfgs_fit` on given reduced features (E, S, r) with their map ``coef_map``
-    (E, S, r) (Q = Xᵀ·M orthonormal), or, with ``coef_map=None``, on the support features
-    themselves (``features`` = support in float64). Returns weight, bias, converged, iterations.
-    """
-    support = np.ascontiguousarray(support)
-    episodes, shots, dim = support.shape
+    weight, bias, converged, iterations = outputs = (
+        np.zeros((episodes, n_way, dim), dtype=support.dtype),
+        np.zeros((episodes, n_way)),
+        np.zeros(episodes, dtype=np.bool_),
+        np.zeros(episodes, dtype=np.int64),
+    )
+    options = (1.0 / C, int(max_iter), float(tol), int(memory), int(max_line_search))
+    if reduction is None:
+        if shots >= dim:
+            raise ValueError(f"the kernel reduction needs fewer support clips than dimensions, got {shots} >= {dim}")
+        solved = np.zeros(episodes, dtype=np.bool_)
+        _split(_fit_range, episodes, threads, support, labels, n_way, *options, *outputs, solved)
+        return weight, bias, converged, iterations, solved
+    features, coef_map = reduction
     features = np.ascontiguousarray(features, dtype=np.float64)
     use_basis = coef_map is not None
     coef_map = np.ascontiguousarray(coef_map, dtype=np.float64) if use_basis else np.zeros((episodes, 1, 1))
-    labels = np.ascontiguousarray(labels, dtype=np.int64)
-    weight, bias, converged, iterations = _outputs(episodes, n_way, dim, support.dtype)
-    _split(
-        _solve_range, episodes, threads, features, coef_map, support, labels, use_basis, n_way, 1.0 / C,
-        int(max_iter), float(tol), int(memory), int(max_line_search), weight, bias, converged, iterations,
-    )  # fmt: skip
-    return weight, bias, converged, iterations
+    _split(_solve_range, episodes, threads, features, coef_map, support, labels, use_basis, n_way, *options, *outputs)
+    return weight, bias, converged, iterations, np.ones(episodes, dtype=np.bool_)
 
 
 lbfgs_fit.__doc__ += _ALGORITHM
