@@ -668,16 +668,6 @@ def linear_head_probabilities(
     return out
 
 
-_ALGORITHM = """
-    The algorithm of scikit-learn's ``solver="lbfgs"``, i.e. SciPy's L-BFGS-B without bounds,
-    step for step: the scaled objective ``mean CE + ‖W‖²/(2·C·S)`` from zero; L-BFGS
-    directions from the last ``memory`` correction pairs (a pair is skipped when
-    s·y <= eps·(-s·g)); the Moré–Thuente line search (ftol 1e-3, gtol 0.9, xtol 0.1, first step
-    1/‖d‖, then 1; at most ``max_line_search`` evaluations, after which the memory is dropped
-    and the iteration restarted, or the solve stops if it had none); and the stopping rules:
-    largest gradient entry <= ``tol`` in the original coordinates, relative decrease of the
-    objective <= 64·eps, or ``max_iter`` iterations.
-"""
 
 
 def lbfgs_fit(
@@ -706,6 +696,15 @@ def lbfgs_fit(
 
     Returns weight (E, N, D) in the support's dtype, bias (E, N), converged (E,), iterations
     (E,) (scikit-learn's ``n_iter_``) and solved (E,) (False: left for another reduction).
+
+    The algorithm of scikit-learn's ``solver="lbfgs"``, i.e. SciPy's L-BFGS-B without bounds,
+    step for step: the scaled objective ``mean CE + ‖W‖²/(2·C·S)`` from zero; L-BFGS
+    directions from the last ``memory`` correction pairs (a pair is skipped when
+    s·y <= eps·(-s·g)); the Moré–Thuente line search (ftol 1e-3, gtol 0.9, xtol 0.1, first step
+    1/‖d‖, then 1; at most ``max_line_search`` evaluations, after which the memory is dropped
+    and the iteration restarted, or the solve stops if it had none); and the stopping rules:
+    largest gradient entry <= ``tol`` in the original coordinates, relative decrease of the
+    objective <= 64·eps, or ``max_iter`` iterations.
     """
     support = np.ascontiguousarray(support)
     episodes, shots, dim = support.shape
@@ -730,5 +729,3 @@ def lbfgs_fit(
     _split(_solve_range, episodes, threads, features, coef_map, support, labels, use_basis, n_way, *options, *outputs)
     return weight, bias, converged, iterations, np.ones(episodes, dtype=np.bool_)
 
-
-lbfgs_fit.__doc__ += _ALGORITHM
