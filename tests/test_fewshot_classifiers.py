@@ -398,6 +398,35 @@ def test_logistic_regression_does_not_depend_on_the_thread_count():
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
+def test_episode_solves_run_torch_on_one_thread_and_kernels_on_torchs_count():
+    """Inside ``episode_probabilities`` torch's own ops run on one CPU thread (its OpenMP workers
+    would otherwise busy-wait beside the compiled kernels) while the kernels get the caller's
+    thread count; the count is restored afterwards, also when a fit fails."""
+    from mmfsar.fewshot.classifiers import compiled_threads
+
+    seen = []
+
+    class Recording(PrototypeClassifier):
+        def _fit(self, support, support_labels, n_way):
+            seen.append((torch.get_num_threads(), compiled_threads()))
+            if len(seen) == 2:
+                raise RuntimeError("fit failed")
+            return super()._fit(support, support_labels, n_way)
+
+    features = structured_features(classes=6, per_class=6, dim=8, spread=4.0, seed=0).float()
+    episodes = random_episodes(6, 6, n_way=3, k_shot=1, n_query=2, count=4, seed=0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        episode_probabilities(Recording(), features, episodes, 1)
+        assert seen == [(1, 3)] and torch.get_num_threads() == 3 and compiled_threads() == 3
+        with pytest.raises(RuntimeError, match="fit failed"):
+            episode_probabilities(Recording(), features, episodes, 1)
+        assert torch.get_num_threads() == 3 and compiled_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize(
     "name,cls",
     [

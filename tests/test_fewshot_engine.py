@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mmfsar.fewshot import LogisticRegressionClassifier, PrototypeClassifier, solve_episodes
-from mmfsar.fewshot.compiled import LINE_SEARCH_STATE, dcsrch, dcsrch_start
+from mmfsar.fewshot.compiled import LINE_SEARCH_STATE, _exp_nonpositive, dcsrch, dcsrch_start
 from mmfsar.fewshot.engine import FeatureBank, view_masks
 from mmfsar.tasks.evaluate import FewShotEvalModule, default_chunk
 from mmfsar.utils.hydra_callbacks import SweepResultsTable
@@ -74,6 +74,22 @@ def test_eval_module_rejects_bad_view_settings():
         FewShotEvalModule(encoder=encoder, classifier=classifier, mask_ratio=1.0)
     with pytest.raises(ValueError, match="views must be >= 1"):
         FewShotEvalModule(encoder=encoder, classifier=classifier, views=0)
+
+
+def test_compiled_softmax_exp_is_within_a_few_ulp_of_libm():
+    """The solver's vectorised exp (softmax of logits minus their maximum, so x <= 0): within
+    4 ulp of numpy's exp over the whole normal range, exactly 1 at 0 (the arg-max class), and
+    clamped at exp(-708) below it instead of under- or overflowing."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([-rng.uniform(0, 708, 20000), -rng.exponential(1.0, 20000), [0.0, -1e-300, -0.5 * np.log(2), -708.0]])
+    got = x.copy()
+    _exp_nonpositive(got, np.empty_like(got))
+    want = np.exp(x)
+    assert np.all(np.abs(got - want) <= 4 * np.spacing(want))
+    assert got[-4] == 1.0
+    far = np.array([-709.0, -1e5, -np.inf])
+    _exp_nonpositive(far, np.empty(3))
+    assert np.all(np.abs(far - np.exp(-708.0)) <= 4 * np.spacing(np.exp(-708.0)))
 
 
 def test_compiled_line_search_takes_minpack_steps():

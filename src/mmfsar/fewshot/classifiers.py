@@ -20,8 +20,10 @@ from __future__ import annotations
 import numbers
 import warnings
 from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol
+from typing import Callable, Iterator, Literal, Protocol
 
 import numpy as np
 import torch
@@ -119,7 +121,7 @@ class LinearHead:
                 self.bias.detach().double().numpy(),
                 views=views,
                 normalize=self.normalize_query,
-                threads=torch.get_num_threads(),
+                threads=compiled_threads(),
             )
             return torch.from_numpy(probs).to(dtype)
         return self._predict_proba_gathered(source, positions, views)
@@ -331,7 +333,7 @@ def _kernel_reduction(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     episodes, shots, dim = x.shape
     if x.device.type == "cpu":
-        gram = torch.from_numpy(support_gram(x.detach().numpy(), threads=torch.get_num_threads()))
+        gram = torch.from_numpy(support_gram(x.detach().numpy(), threads=compiled_threads()))
     else:
         gram = x.new_empty(episodes, shots, shots, dtype=torch.float64)
         step = _blocks(episodes, 8 * shots * dim).step
@@ -458,7 +460,7 @@ class LogisticRegressionClassifier(EpisodeClassifier):
         self, x: Tensor, labels: Tensor, n_way: int, C: float
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """The compiled replay on the CPU (the support sets are small; results move back)."""
-        options = dict(C=C, max_iter=self.max_iter, tol=self.tol, threads=torch.get_num_threads())
+        options = dict(C=C, max_iter=self.max_iter, tol=self.tol, threads=compiled_threads())
         support, y = x.detach().cpu().numpy(), labels.detach().cpu().numpy()
         if x.shape[1] >= x.shape[2]:  # no reduction: solve on the features themselves
             *out, _ = lbfgs_fit(support, y, n_way, reduction=(support, None), **options)
@@ -671,6 +673,40 @@ def _check_cache(
             )
 
 
+_COMPILED_THREADS: ContextVar[int | None] = ContextVar("compiled_threads", default=None)
+
+
+def compiled_threads() -> int:
+    """Threads of the compiled CPU kernels: torch's thread count (as it was on entering
+    :func:`torch_on_one_thread`, which sets torch's own to one)."""
+    return _COMPILED_THREADS.get() or torch.get_num_threads()
+
+
+@contextmanager
+def torch_on_one_thread(device: torch.device) -> Iterator[None]:
+    """Run torch's CPU ops on one thread inside; the compiled kernels keep torch's thread count.
+
+    An episode solve's torch ops are small (gathers, checks, matrices of a few episodes), so
+    OpenMP's synchronisation costs more than a second thread gains, and they slowed down many
+    times over when another process held the other cores (3-30x with 2 threads on a busy 2-core
+    machine). Worse, after every parallel op torch's OpenMP workers keep busy-waiting for the
+    next one (milliseconds, with libgomp's defaults), taking the cores from the compiled
+    kernels' threads: the logistic-regression solve ran 1.4x slower on 2 cores.
+    ``benchmarks/bench_logreg.py`` measures both. No-op off the CPU and when already inside.
+    """
+    if device.type != "cpu" or _COMPILED_THREADS.get() is not None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    token = _COMPILED_THREADS.set(threads)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _COMPILED_THREADS.reset(token)
+
+
 def episode_probabilities(
     classifier: EpisodeClassifier,
     features: Tensor,
@@ -685,7 +721,22 @@ def episode_probabilities(
 
     Same arguments as :func:`solve_episodes`; returns (E, N, Q, N): episode, way of the query,
     query index within the way, class probabilities (float32 unless the features are float64).
+    On the CPU, torch runs on one thread and the compiled kernels on torch's thread count
+    (:func:`torch_on_one_thread`).
     """
+    with torch_on_one_thread(features.device):
+        return _episode_probabilities(classifier, features, episodes, k_shot, query_views, chunk, progress)
+
+
+def _episode_probabilities(
+    classifier: EpisodeClassifier,
+    features: Tensor,
+    episodes: Tensor,
+    k_shot: int,
+    query_views: Tensor | None,
+    chunk: int,
+    progress: Callable[[int], None] | None,
+) -> Tensor:
     _check_cache(features, episodes, k_shot, query_views)
     k_shot = int(k_shot)
     for name, x in (("features", features), ("query_views", query_views)):

@@ -33,6 +33,47 @@ _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 _EPS = float(np.finfo(np.float64).eps)
 # L-BFGS-B's line search (MINPACK-2 dcsrch) parameters.
 _FTOL, _GTOL, _XTOL, _STPMIN, _STPMAX = 1e-3, 0.9, 0.1, 0.0, 1e10
+# exp by Cody–Waite reduction x = k·ln2 + r: the round-to-integer shifter and ln 2 in two parts.
+_SHIFTER = 6755399441055744.0  # 1.5·2⁵²: x·log2(e) + shifter has k in its low mantissa bits
+_SHIFTER_BITS = int(np.array([_SHIFTER]).view(np.int64)[0])
+_LOG2E, _LN2_HI, _LN2_LO = 1.4426950408889634, 6.93147180369123816490e-01, 1.90821492927058770002e-10
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"contract"}, error_model="numpy")
+def _exp_nonpositive(x, bits):
+    """x ← exp(x) in place for x ≤ 0 (1-D, contiguous; x < -708 gives exp(-708) ≈ 3e-308).
+
+    The softmax's exponentials are most of an evaluation's time with libm's scalar ``exp``; as
+    plain arithmetic (Cody–Waite reduction, Taylor polynomial of degree 13 on |r| ≤ ln2/2, the
+    power of two built in the exponent bits) the loops vectorise, 6x faster, within 3 ulp of
+    libm's. No reassociation here: it would fold the shifter's rounding away.
+    """
+    for i in range(x.shape[0]):
+        v = max(x[i], -708.0)
+        shifted = v * _LOG2E + _SHIFTER
+        k = shifted - _SHIFTER
+        r = (v - k * _LN2_HI) - k * _LN2_LO
+        p = 1.0 / 6227020800.0
+        p = p * r + 1.0 / 479001600.0
+        p = p * r + 1.0 / 39916800.0
+        p = p * r + 1.0 / 3628800.0
+        p = p * r + 1.0 / 362880.0
+        p = p * r + 1.0 / 40320.0
+        p = p * r + 1.0 / 5040.0
+        p = p * r + 1.0 / 720.0
+        p = p * r + 1.0 / 120.0
+        p = p * r + 1.0 / 24.0
+        p = p * r + 1.0 / 6.0
+        p = p * r + 0.5
+        p = p * r + 1.0
+        x[i] = p * r + 1.0
+        bits[i] = shifted
+    power = bits.view(np.int64)
+    for i in range(x.shape[0]):
+        power[i] = (power[i] - _SHIFTER_BITS + 1023) << 52
+    scale = power.view(np.float64)
+    for i in range(x.shape[0]):
+        x[i] *= scale[i]
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
@@ -159,8 +200,9 @@ def dcsrch(state, f, g):
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FASTMATH, error_model="numpy")
-def _evaluate(theta, logits, labels, penalty, residual):
-    """Scaled objective ``mean CE + ½·Σ penalty·θ²/S`` at theta; writes P - Y into residual."""
+def _evaluate(theta, logits, labels, penalty, residual, top, bits):
+    """Scaled objective ``mean CE + ½·Σ penalty·θ²/S`` at theta; writes P - Y into residual
+    (``top``, ``bits``: scratch of S and N·S)."""
     n_way, shots = logits.shape
     width = theta.shape[0] // n_way
     value = 0.0
@@ -169,15 +211,19 @@ def _evaluate(theta, logits, labels, penalty, residual):
             value += theta[n * width + j] ** 2
     value *= 0.5 * penalty
     for s in range(shots):
-        top, at = logits[0, s], 0
-        for n in range(1, n_way):
-            if logits[n, s] > top:
-                top, at = logits[n, s], n
+        top[s] = logits[0, s]
+    for n in range(1, n_way):
+        for s in range(shots):
+            top[s] = max(top[s], logits[n, s])
+    for n in range(n_way):
+        for s in range(shots):
+            residual[n, s] = logits[n, s] - top[s]
+    _exp_nonpositive(residual.reshape(-1), bits)
+    for s in range(shots):
         total = 0.0
         for n in range(n_way):
-            residual[n, s] = 1.0 if n == at else math.exp(logits[n, s] - top)
             total += residual[n, s]
-        value += math.log(total) + top - logits[labels[s], s]
+        value += math.log(total) + top[s] - logits[labels[s], s]
         inverse = 1.0 / total
         for n in range(n_way):
             residual[n, s] *= inverse
@@ -311,7 +357,7 @@ def _workspace(n_way: int, shots: int, rank: int, dim: int, memory: int):
         np.empty((n_way, shots)), np.empty((n_way, shots)),
         np.empty((memory, size)), np.empty((memory, size)), np.empty(memory), np.empty(memory),
         np.empty(LINE_SEARCH_STATE), np.zeros((n_way, shots)), np.empty(max(dim, 1)),
-        np.empty(1), np.zeros(n_way, dtype=np.int64),
+        np.empty(1), np.zeros(n_way, dtype=np.int64), np.empty(shots), np.empty(n_way * shots),
     )  # fmt: skip
 
 
@@ -326,6 +372,7 @@ def _solve_one(ze, me, xe, label, n_way, penalty, max_iter, tol, use_basis, memo
     (
         lengths, theta, new_theta, grad, new_grad, direction, y_new, logits, new_logits, along,
         residual, new_residual, s_pairs, y_pairs, rho, alpha, search, coefficients, mapped, column, probe,
+        top, bits,
     ) = work  # fmt: skip
     shots, rank = ze.shape
     width = rank + 1
@@ -337,7 +384,7 @@ def _solve_one(ze, me, xe, label, n_way, penalty, max_iter, tol, use_basis, memo
     column[0], probe[:] = -1.0, 0
     theta[:] = 0.0
     logits[:] = 0.0
-    value = _evaluate(theta, logits, label, penalty, residual)
+    value = _evaluate(theta, logits, label, penalty, residual, top, bits)
     _gradient(theta, residual, ze, lengths, penalty, grad)
     converged = _gradient_small(grad, n_way, tol, xe, me, use_basis, coefficients, mapped, column, probe)
     running = not converged
@@ -391,7 +438,7 @@ def _solve_one(ze, me, xe, label, n_way, penalty, max_iter, tol, use_basis, memo
                 for n in range(n_way):
                     for s in range(shots):
                         new_logits[n, s] = logits[n, s] + stp * along[n, s]
-                f = _evaluate(new_theta, new_logits, label, penalty, new_residual)
+                f = _evaluate(new_theta, new_logits, label, penalty, new_residual, top, bits)
                 g = 0.0
                 for n in range(n_way):
                     for s in range(shots):

@@ -97,7 +97,7 @@ class FewShotEvalModule(L.LightningModule):
         rank = self.trainer.global_rank if inside else 0
         shard = episodes.shard(rank, world).to(features.device)
         show = self.progress and rank == 0 and (not inside or self.trainer.progress_bar_callback is not None)
-        with _progress_bar(len(shard), f"solving {len(episodes)} episodes", enabled=show) as bar, _one_thread(features):
+        with _progress_bar(len(shard), f"solving {len(episodes)} episodes", enabled=show) as bar:
             local = solve_episodes(
                 self.classifier, features, positions[shard], episodes.settings.k_shot, chunk=self.chunk, progress=bar
             )
@@ -107,26 +107,6 @@ class FewShotEvalModule(L.LightningModule):
             acc = self.all_gather(acc).max(0).values
         self.episode_accuracy = acc.cpu()
         return self.episode_accuracy
-
-
-class _one_thread:
-    """Solve on one CPU thread: the episode solvers run thousands of small tensor operations,
-    for which OpenMP's synchronisation costs more than a second thread gains, and which slow
-    down many times over when another process holds the other cores (measured 3-30x with 2
-    threads on a busy 2-core machine, ``benchmarks/bench_logreg.py``). No-op off the CPU."""
-
-    def __init__(self, features: torch.Tensor) -> None:
-        self.active = features.device.type == "cpu"
-        self.threads = torch.get_num_threads()
-
-    def __enter__(self) -> "_one_thread":
-        if self.active:
-            torch.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.active:
-            torch.set_num_threads(self.threads)
 
 
 class _progress_bar:
