@@ -10,20 +10,31 @@ are written with ``export_encoder`` and read back by the distillation module), w
 weights: timing does not depend on what the weights are.
 
 * ``mm_cdfsl`` (``experiment=mm_cdfsl_tiny/...``): 3D-CNN RGB student initialised from the RGB
-  encoder, three 3D-CNN teachers (rgb, flow, pose), translation MSE on unlabelled target clips
-  (teachers run at every step).
+  encoder, three 3D-CNN teachers (rgb, flow, pose), translation MSE on unlabelled target clips;
+  the teachers encode 8 seeded augmented views of every training clip before training
+  (``distill.cache_views=8``) and the student trains on those same views, so a step looks the
+  teachers' outputs up.
 * ``lite_mkd`` (``experiment=lite_mkd_tiny/...``): 3D-CNN RGB student, the MFM fusion teacher over
   3D-CNN rgb / flow / pose encoders, logit KD + relation + CE on source + target clips; the
-  teacher's outputs are cached before training (``distill.cache_teachers``), so a step looks them
-  up; the one-off caching time is reported as ``teacher_cache_s``.
+  teacher's outputs on the un-augmented clips are cached before training
+  (``distill.cache_teachers``), so a step looks them up.
 
 Per recipe, on one batch of real clips (``--batch-size``, default the presets' 32):
 
 * ``distill_step_ms``: ``DistillModule.training_step`` + backward + gradient clipping + AdamW
-  step (the teachers' forward included, as in training);
+  step (the teachers' forward included when they run at every step; a look-up when cached);
 * ``plain_step_ms``: the same student architecture trained with plain cross-entropy
   (the preset's stage-1 ``PretrainModule.training_step``, unmasked) on the same clips, same
   optimiser; ``distill_over_plain`` is the ratio the design targets (<= 1.5);
+* for a recipe with cached teachers also ``teacher_cache_s``, the one-off caching (loading, in
+  this process, and encoding every cached view of every training clip);
+  ``distill_over_plain_with_cache``, the ratio over the preset's whole run (``run_steps``
+  steps) with all of it charged to the distillation, and ``..._with_cache_compute`` with only
+  the teachers' compute charged (``teacher_cache_compute_s``: cached views x clips x the
+  teachers' inference time per clip; a plain step's timing has no data loading either, and
+  training with the teachers at every step loads all their modalities every epoch);
+  ``distill_online_step_ms`` / ``distill_online_over_plain``: the same step with the teachers
+  run on the batch (``cache_teachers=false``), for comparison;
 * for a masked recipe also ``plain_masked_step_ms`` (CE on the student with the same tube mask)
   and ``distill_over_plain_masked``: what the teachers and the translation heads add to the
   student's own masked pass;
@@ -43,7 +54,8 @@ machine hits all of them alike); medians are reported. torch runs single-threade
 (``--threads``): with other jobs on the cores, two intra-op threads made the steps up to 3x
 slower and the ratios erratic (threads waiting for a descheduled sibling), while one thread gives
 stable figures; the load average is reported with them. ``--profile`` adds a breakdown of the
-distillation step (teachers' forward, student forward + loss, backward, optimiser).
+distillation step with the teachers run on the batch (teachers' forward, student forward +
+loss, backward, optimiser).
 The output is one JSON object.
 """
 
@@ -233,16 +245,19 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
     distill_over = [*recipe["distill"], *[f"model.teachers.{t}={p}" for t, p in teachers.items()], *common]
     if recipe["init_student_from_rgb"]:
         distill_over.append(f"model.init_from={exports['rgb']}")
-    distill, dm, _ = build(compose_cfg("distill", distill_over, tmp))
+    distill_cfg = compose_cfg("distill", distill_over, tmp)
+    distill, dm, _ = build(distill_cfg)
     plain, _, _ = build(compose_cfg("pretrain", [*recipe["plain"], "modality=rgb", *common], tmp))
     assert plain.decoder is None and type(plain.encoder.backbone) is type(distill.student.backbone)
 
     batch = first_batch(dm)  # the recipe's own clips: target (mm_cdfsl) or source + target (lite_mkd)
     clips = next(iter(batch.values()))  # every modality: for the inference timings
-    cache_s = None
-    if distill.cache_teachers:  # as on_fit_start: teachers encode every training clip once
+    cache_s, online_batch = None, batch
+    if distill.cache_teachers:  # as on_fit_start: teachers encode every training clip once per cached view
         cache_s = timed(lambda: distill.build_teacher_cache(dm))
-        batch = first_batch(dm)  # now the student's modality only
+        batch = first_batch(dm)  # now the student's modality only (and each clip's view)
+    run_steps = distill_cfg.trainer.max_epochs * max(len(loader) for loader in dm.train_dataloader().values())
+    cached_clips = sum(len(ds) for ds in dm.train_sets.values())
     bsz = clips["rgb"].shape[0]
     step_clips = torch.cat([part["rgb"] for part in batch.values()])  # the student sees every part
     labels = torch.randint(0, plain.encoder.head.out_features, (step_clips.shape[0],))
@@ -254,6 +269,16 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
         "distill_step": lambda: step_d(lambda: distill.training_step(batch, 0)),
         "plain_step": lambda: step_p(lambda: plain.training_step(plain_batch, 0)),
     }
+    if distill.cache_teachers:
+
+        def online_step() -> torch.Tensor:
+            distill.cache_teachers = False  # teachers run on the batch, as without a cache
+            try:
+                return distill.training_step(online_batch, 0)
+            finally:
+                distill.cache_teachers = True
+
+        variants["distill_online_step"] = lambda: step_d(online_step)
     if distill.grid is not None:
         from mmfsar.models.encoders.vit import tube_mask
 
@@ -324,6 +349,18 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
     }
     if cache_s is not None:
         out["teacher_cache_s"] = round(cache_s, 1)  # once per run, before the first step
+        out["cache_views"] = distill.cache_views
+        out["run_steps"] = run_steps
+        out["distill_over_plain_with_cache"] = round(
+            (run_steps * steps["distill_step"] + cache_s) / (run_steps * steps["plain_step"]), 3
+        )
+        compute_s = max(distill.cache_views, 1) * cached_clips * infer["teacher"] / bsz
+        out["teacher_cache_compute_s"] = round(compute_s, 1)
+        out["distill_over_plain_with_cache_compute"] = round(
+            (run_steps * steps["distill_step"] + compute_s) / (run_steps * steps["plain_step"]), 3
+        )
+        out["distill_online_step_ms"] = round(1000 * steps["distill_online_step"], 1)
+        out["distill_online_over_plain"] = round(steps["distill_online_step"] / steps["plain_step"], 3)
     if "plain_masked_step" in steps:
         out["plain_masked_step_ms"] = round(1000 * steps["plain_masked_step"], 1)
         out["distill_over_plain_masked"] = round(steps["distill_step"] / steps["plain_masked_step"], 3)
@@ -355,8 +392,9 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
             "teacher_modalities": sorted(distill.teachers.modalities),
         }
     )
-    if args.profile and not distill.cache_teachers:  # cached teachers: nothing of theirs runs per step
-        out["distill_step_breakdown_ms"] = profile_distill(distill, batch, args.warmup, args.repeats)
+    if args.profile:  # of the step with the teachers run on the batch
+        distill.cache_teachers = False
+        out["distill_online_step_breakdown_ms"] = profile_distill(distill, online_batch, args.warmup, args.repeats)
     return out
 
 

@@ -177,6 +177,38 @@ def test_training_is_random_and_evaluation_is_deterministic(tiny_dataset, make_m
     assert torch.equal(v[0]["depth"], v[0]["depth"])
 
 
+def test_fixed_training_views_are_the_same_in_every_loader_and_process(tiny_dataset, make_modalities):
+    """After ``fix_training_views(K, seed)``, a training load is one of K views per clip: view v of
+    a clip is the same tensor whether it comes from the training loader (any worker, any global
+    RNG state) or from ``training_clips(view=v)``, which the teachers encode; views of one clip
+    differ; another seed gives other views; a view without fixed views is an error."""
+    dm = training(tiny_dataset, make_modalities, "rgb", "flow", num_workers=2)
+    dm.setup("fit")
+    with pytest.raises(DataError, match="fix_training_views was not called"):
+        dm.training_clips("source", ["rgb"], augment=True, view=0)
+    dm.fix_training_views(3, seed=7)
+    per_view = []
+    for v in range(3):
+        batches = list(dm.training_clips("source", ["rgb", "flow"], augment=True, view=v))
+        b = {k: torch.cat([x[k] for x in batches]) for k in ("rgb", "flow", "index", "view")}
+        assert b["view"].tolist() == [v] * len(b["index"]) and b["index"].tolist() == list(range(len(b["index"])))
+        per_view.append(b)
+    assert not torch.equal(per_view[0]["rgb"], per_view[1]["rgb"]) and not torch.equal(per_view[1]["rgb"], per_view[2]["rgb"])
+    seen = set()
+    for seed in range(3):  # global RNG state and workers change which views are drawn, not what they are
+        torch.manual_seed(seed)
+        for batch in dm.train_dataloader()["source"]:
+            for j, (i, v) in enumerate(zip(batch["index"].tolist(), batch["view"].tolist())):
+                assert torch.equal(batch["rgb"][j], per_view[v]["rgb"][i]) and torch.equal(batch["flow"][j], per_view[v]["flow"][i])
+                seen.add(v)
+    assert seen == {0, 1, 2}
+    dm.fix_training_views(3, seed=8)
+    other = next(iter(dm.training_clips("source", ["rgb"], augment=True, view=0)))
+    assert not torch.equal(other["rgb"], per_view[0]["rgb"])
+    with pytest.raises(DataError, match="views must be >= 1"):
+        dm.fix_training_views(0, seed=0)
+
+
 def test_workers_give_the_same_evaluation_batches(tiny_dataset, make_modalities):
     plain = fewshot(tiny_dataset, make_modalities, "rgb", "pose")
     workers = fewshot(tiny_dataset, make_modalities, "rgb", "pose", num_workers=2)

@@ -261,6 +261,48 @@ def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_
         assert all(torch.equal(v, init[k]) for k, v in student_before.items())
 
 
+def test_cached_teacher_views_are_what_the_teachers_give_on_the_students_inputs(mm_cdfsl_pretrained, episode_dataset, tmp_path):
+    """``distill.cache_teachers=true distill.cache_views=3``: the teachers encode 3 seeded views
+    per training clip before training; every training batch then carries each clip's view, and
+    the cached outputs looked up for it are the teachers' outputs on exactly the student's input:
+    the training step's loss equals the loss with the teachers run on the batch (an RGB teacher,
+    so the student's batch is all it needs)."""
+    from mmfsar.data.modalities import build_modalities
+
+    sweep = mm_cdfsl_pretrained
+    overrides = [
+        "experiment=mm_cdfsl_tiny/distill",
+        f"model.init_from={sweep.encoder('rgb')}",
+        f"model.teachers.rgb={sweep.encoder('rgb')}",
+        "distill.cache_teachers=true",
+        "distill.cache_views=3",
+        *tiny(episode_dataset),
+    ]
+    cfg = compose_distill(overrides, tmp_path)
+    module_cls = get_class(cfg.model._target_)
+    datamodule = instantiate(cfg.data, modalities=build_modalities(module_cls.modality_configs(cfg.model, cfg.modalities)))
+    datamodule.setup("fit")
+    module = module_cls.build(cfg.model, datamodule)
+    torch.manual_seed(0)
+    module.build_teacher_cache(datamodule)
+    cache = module._teacher_cache["target"]
+    assert cache["rgb"].passes == 3
+    views = set()
+    for batch in datamodule.train_dataloader()["target"]:
+        assert set(batch) == {"rgb", "label", "clip_id", "domain", "index", "view"}
+        with torch.no_grad():
+            cached = module.training_step({"target": batch}, 0)
+            module.cache_teachers = False
+            direct = module.training_step({"target": batch}, 0)
+            module.cache_teachers = True
+        torch.testing.assert_close(cached, direct, rtol=1e-4, atol=1e-6)
+        assert cached > 0
+        views.update(batch["view"].tolist())
+    assert views == {0, 1, 2}
+    with pytest.raises(Exception, match="cache_views=2 needs distill.cache_teachers=true"):
+        module_cls.build(compose_distill([*overrides, "distill.cache_teachers=false", "distill.cache_views=2"], tmp_path).model, datamodule)
+
+
 # ViT geometry for the synthetic data: 64-px streams, 8 frames (the paper's 224 px / 16 frames
 # need a GPU); everything else is the published preset.
 VIT_ON_SYNTHETIC = ["model/encoder=vit_tiny", "input=synthetic", "data.frames.num_frames=8"]

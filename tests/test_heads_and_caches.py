@@ -46,7 +46,7 @@ def test_output_cache_looks_up_each_clip_of_each_pass():
         return {"t": EncoderOutput(pooled=x + shift, frames=(x + shift)[:, None].repeat(1, 2, 1), logits=-x)}
 
     loader = DataLoader(Clips(7), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
-    cache = OutputCache.build(encode, loader, ["rgb"], torch.device("cpu"), passes=2)["t"]
+    cache = OutputCache.build(encode, [loader, loader], ["rgb"], torch.device("cpu"))["t"]
     assert cache.passes == 2 and cache.pooled.shape == (2, 7, 1) and cache.frames.shape == (2, 7, 2, 1)
     index = torch.tensor([6, 0, 3])
     first = cache.lookup(index, passes=torch.zeros(3, dtype=torch.long))
@@ -69,7 +69,7 @@ def test_output_cache_refuses_an_incomplete_pass():
     loader = DataLoader(Dropping(5), batch_size=2, drop_last=True)
     encode = lambda inputs: {"t": EncoderOutput(pooled=inputs["rgb"], frames=inputs["rgb"][:, None])}  # noqa: E731
     with pytest.raises(RuntimeError, match="4 of 5 clips encoded"):
-        OutputCache.build(encode, loader, ["rgb"], torch.device("cpu"))
+        OutputCache.build(encode, [loader], ["rgb"], torch.device("cpu"))
 
 
 def test_concat_outputs_keeps_missing_fields_missing():

@@ -204,20 +204,34 @@ class TrainingDataModule(ClipDataModule):
             len(self.val_episodes),
         )
 
-    def training_clips(self, key: str, modalities: list[str], *, augment: bool) -> DataLoader:
+    def training_clips(self, key: str, modalities: list[str], *, augment: bool, view: int | None = None) -> DataLoader:
         """The training clips of ``key`` ("source" / "target") with the given modalities, in
-        dataset order, augmented or not: for computing per-clip outputs of frozen models once."""
+        dataset order, augmented or not, or (``view``) their fixed augmented view of that number
+        (see :meth:`fix_training_views`): for computing per-clip outputs of frozen models once."""
         ds = self.train_sets[key]
-        view = ClipDataset(
+        if view is not None and not ds.views:
+            raise DataError(f"training clips ({key}): view {view} asked for, but fix_training_views was not called")
+        clips = ClipDataset(
             ds.records,
             {m: self.modalities[m] for m in modalities},
             self.frames,
-            train=augment,
+            train=augment or view is not None,
             labels=ds.labels,
             augmentation=self.augmentation,
             aspect=ds.aspect,
+            views=ds.views if view is not None else 0,
+            view_seed=ds.view_seed,
+            view=view,
         )
-        return self._loader(view, train=False)
+        return self._loader(clips, train=False)
+
+    def fix_training_views(self, views: int, seed: int) -> None:
+        """Draw every training clip from ``views`` fixed augmented views from now on (each seeded
+        by ``seed``, the clip and its number); batches then carry each clip's ``"view"``."""
+        if views < 1:
+            raise DataError(f"fix_training_views: views must be >= 1, got {views}")
+        for ds in self.train_sets.values():
+            ds.views, ds.view_seed = views, seed
 
     def keep_training_modalities(self, modalities: list[str]) -> None:
         """Load only these modalities for training from now on (e.g. once teacher outputs are cached)."""

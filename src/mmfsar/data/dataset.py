@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -25,6 +27,12 @@ class ClipDataset(Dataset):
         labels: class name -> integer label; ``None`` marks the clips as unlabelled (label -1).
         augmentation: the spatial augmentation sampled once per clip.
         aspect: frame width / height of the stored frames.
+        views: with ``train``, 0 draws a fresh augmentation (temporal jitter, crop, flip) at every
+            load; ``K > 0`` draws each load from K fixed augmented views per clip, view ``v`` of a
+            clip seeded by (``view_seed``, clip id, ``v``), and adds its number as ``"view"``. A
+            frozen model can then encode every view once and be looked up by (index, view) while
+            a trained model sees exactly the same inputs (teacher caching in distillation).
+        view: with ``views``, always load this view (for encoding the views one at a time).
     """
 
     def __init__(
@@ -37,7 +45,12 @@ class ClipDataset(Dataset):
         labels: Mapping[str, int] | None,
         augmentation: ClipAugmentation | None = None,
         aspect: float = 1.0,
+        views: int = 0,
+        view_seed: int = 0,
+        view: int | None = None,
     ) -> None:
+        if views < 0 or (view is not None and not 0 <= view < views):
+            raise ValueError(f"ClipDataset: view {view} of views={views}")
         self.records = list(records)
         self.modalities = dict(modalities)
         self.frames = frames
@@ -45,19 +58,28 @@ class ClipDataset(Dataset):
         self.labels = labels
         self.augmentation = augmentation or ClipAugmentation()
         self.aspect = aspect
+        self.views = views if train else 0
+        self.view_seed = view_seed
+        self.view = view
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
-        frame_idx = self.frames(rec.start_frame, rec.end_frame, jitter=self.train, clip_id=rec.clip_id)
-        params = self.augmentation.sample(self.aspect, train=self.train)
+        view, generator = None, None
+        if self.views:
+            view = self.view if self.view is not None else int(torch.randint(self.views, ()))
+            generator = view_generator(self.view_seed, rec.clip_id, view)
+        frame_idx = self.frames(rec.start_frame, rec.end_frame, jitter=self.train, clip_id=rec.clip_id, generator=generator)
+        params = self.augmentation.sample(self.aspect, train=self.train, generator=generator)
         item: dict[str, Any] = {name: m(rec, frame_idx, params) for name, m in self.modalities.items()}
         item["label"] = self.labels[rec.label_name] if self.labels is not None else UNLABELLED
         item["clip_id"] = rec.clip_id
         item["domain"] = rec.domain
         item["index"] = index
+        if view is not None:
+            item["view"] = view
         return item
 
     def targets(self) -> torch.Tensor:
@@ -65,3 +87,9 @@ class ClipDataset(Dataset):
         if self.labels is None:
             return torch.full((len(self),), UNLABELLED, dtype=torch.long)
         return torch.tensor([self.labels[r.label_name] for r in self.records], dtype=torch.long)
+
+
+def view_generator(seed: int, clip_id: str, view: int) -> torch.Generator:
+    """The random stream of one augmented view of one clip: the same in every process and run."""
+    state = np.random.SeedSequence([seed, zlib.crc32(clip_id.encode()), view]).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]))

@@ -35,7 +35,9 @@ class UniformSegments:
         if self.num_frames < 1:
             raise DataError(f"data.frames.num_frames must be >= 1, got {self.num_frames}")
 
-    def __call__(self, start: int, end: int, *, jitter: bool, clip_id: str = "?") -> np.ndarray:
+    def __call__(
+        self, start: int, end: int, *, jitter: bool, clip_id: str = "?", generator: torch.Generator | None = None
+    ) -> np.ndarray:
         length = end - start
         if length < max(1, self.min_frames):
             raise DataError(
@@ -43,7 +45,7 @@ class UniformSegments:
             )
         edges = np.linspace(0.0, length, self.num_frames + 1)
         if jitter and length >= self.num_frames:
-            u = torch.rand(self.num_frames, dtype=torch.float64).numpy()
+            u = torch.rand(self.num_frames, dtype=torch.float64, generator=generator).numpy()
             pos = edges[:-1] + u * (edges[1:] - edges[:-1])
         else:
             pos = (edges[:-1] + edges[1:]) / 2.0
@@ -85,12 +87,12 @@ class ClipAugmentation:
     min_scale: float = 0.6
     flip_prob: float = 0.5
 
-    def sample(self, aspect: float, *, train: bool) -> SpatialParams:
-        """``aspect`` = frame width / height."""
+    def sample(self, aspect: float, *, train: bool, generator: torch.Generator | None = None) -> SpatialParams:
+        """``aspect`` = frame width / height; ``generator``: draw from it instead of torch's global RNG."""
         side_h, side_w = (1.0, 1.0 / aspect) if aspect >= 1 else (aspect, 1.0)
         if not train:
             return SpatialParams((1 - side_h) / 2, (1 - side_w) / 2, side_h, side_w, False)
-        r = torch.rand(4).tolist()
+        r = torch.rand(4, generator=generator).tolist()
         s = math.sqrt(self.min_scale + (1 - self.min_scale) * r[0])
         h, w = side_h * s, side_w * s
         return SpatialParams(r[1] * (1 - h), r[2] * (1 - w), h, w, r[3] < self.flip_prob)

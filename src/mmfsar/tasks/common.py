@@ -4,7 +4,7 @@ val classes, and the optimiser / schedule."""
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import lightning as L
 import torch
@@ -158,7 +158,7 @@ class TrainingModule(L.LightningModule):
 class OutputCache:
     """Outputs (pooled, frames, logits) of a frozen encoder for every clip of a training set,
     computed once and looked up by dataset index; with several passes (augmented views), a
-    lookup picks one pass per clip at random."""
+    lookup takes the given pass of each clip, or one at random."""
 
     def __init__(self, pooled: torch.Tensor, frames: torch.Tensor, logits: torch.Tensor | None) -> None:
         self.pooled, self.frames, self.logits = pooled, frames, logits  # (passes, N, ...)
@@ -168,20 +168,19 @@ class OutputCache:
     def build(
         cls,
         encode: Callable[[dict[str, torch.Tensor]], dict[str, EncoderOutput]],
-        loader: Any,
+        loaders: Sequence[Any],
         modalities: list[str],
         device: torch.device,
         *,
-        passes: int = 1,
         desc: str = "caching encoder outputs",
     ) -> dict[str, "OutputCache"]:
-        """Run ``encode`` (inputs -> outputs by name) over ``loader`` ``passes`` times."""
+        """Run ``encode`` (inputs -> outputs by name) over each loader of the same clips: one pass each."""
         from tqdm.auto import tqdm
 
-        size = len(loader.dataset)
+        size = len(loaders[0].dataset)
         per_pass: list[dict[str, list]] = []
-        bar = tqdm(total=passes * len(loader), desc=desc, leave=False)
-        for _ in range(passes):
+        bar = tqdm(total=sum(len(loader) for loader in loaders), desc=desc, leave=False)
+        for loader in loaders:
             chunks: dict[str, list] = {}
             for batch in loader:
                 for name, out in encode({m: batch[m].to(device) for m in modalities}).items():

@@ -7,11 +7,17 @@ checkpoint and no DDP wrapper), always in ``eval()``, run under ``torch.inferenc
 bf16 on GPU). Student and teachers see the same clips and, with ``mask_ratio > 0``, the same
 tube mask (MM-CDFSL).
 
-With ``cache_teachers`` (no masking), the teachers encode every training clip once, on its
-deterministic evaluation view, before training; training then loads only the student's
-modality and looks the teacher outputs up by clip. A distillation step then costs about a plain
-step of the student (offline distillation: the student's augmented view is matched to the
-teacher's output on the un-augmented clip).
+With ``cache_teachers`` (no masking), the teachers encode the training clips once, before
+training; training then loads only the student's modality and looks the teacher outputs up by
+clip, so a distillation step costs about a plain step of the student. Which inputs the teachers
+encode is ``cache_views``:
+
+* ``0``: each clip's deterministic evaluation view; the student still sees a fresh random
+  augmentation, matched to the teachers' output on the un-augmented clip (offline distillation);
+* ``K > 0``: K augmented views per clip, each seeded by the clip and its number; the training
+  clips are then drawn from those K views, so student and teachers see exactly the same input
+  (the teachers' outputs are what running them at every step would give, over K augmentations
+  instead of one per epoch). The teachers' one-off cost is K passes over the training clips.
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ class DistillModule(TrainingModule):
     teachers: frozen clip encoders by name.
     terms: loss terms by name (each with a ``weight``).
     mask_ratio: shared tube-mask ratio (0: no masking).
+    cache_teachers: encode the training clips with the teachers once, before training.
+    cache_views: with ``cache_teachers``, how many seeded augmented views per clip (0: the
+        un-augmented clip only; see the module docstring).
     """
 
     def __init__(
@@ -58,11 +67,14 @@ class DistillModule(TrainingModule):
         terms: Mapping[str, nn.Module],
         mask_ratio: float = 0.0,
         cache_teachers: bool = False,
+        cache_views: int = 0,
         **optim: Any,
     ) -> None:
         super().__init__(**optim)
         if cache_teachers and mask_ratio > 0:
             raise DataError("distill.cache_teachers needs distill.mask_ratio=0: masked teacher outputs change every step")
+        if cache_views < 0 or (cache_views and not cache_teachers):
+            raise DataError(f"distill.cache_views={cache_views} needs distill.cache_teachers=true and a count >= 0")
         if not teachers:
             raise DataError("model.teachers: give at least one exported teacher (name=path/to/encoder.pt)")
         if not terms:
@@ -72,6 +84,7 @@ class DistillModule(TrainingModule):
         self.terms = nn.ModuleDict(terms)
         self.mask_ratio = mask_ratio
         self.cache_teachers = cache_teachers
+        self.cache_views = cache_views
         self.teachers = _FrozenTeachers(teachers)
         self._teacher_cache: dict[str, dict[str, OutputCache]] = {}
         self.grid = None
@@ -118,6 +131,7 @@ class DistillModule(TrainingModule):
             terms=terms,
             mask_ratio=cfg.mask_ratio,
             cache_teachers=cfg.get("cache_teachers", False),
+            cache_views=cfg.get("cache_views", 0),
             optimizer=build_partial(cfg.optimizer),
             scheduler=build_partial(cfg.scheduler),
             scale_lr=cfg.scale_lr,
@@ -133,13 +147,18 @@ class DistillModule(TrainingModule):
             self.build_teacher_cache(self.trainer.datamodule)
 
     def build_teacher_cache(self, datamodule: Any) -> None:
-        """Encode every training clip with the teachers once (deterministic view), then make the
-        data module load only the student's modalities."""
+        """Encode every training clip with the teachers once per cached view, then make the data
+        module load only the student's modalities (and, with ``cache_views``, only those views)."""
         modalities = sorted(self.teachers.modalities)
+        if self.cache_views:
+            datamodule.fix_training_views(self.cache_views, seed=torch.initial_seed())
         for key in datamodule.train_sets:
-            loader = datamodule.training_clips(key, modalities, augment=False)
+            if self.cache_views:
+                loaders = [datamodule.training_clips(key, modalities, augment=True, view=v) for v in range(self.cache_views)]
+            else:
+                loaders = [datamodule.training_clips(key, modalities, augment=False)]
             self._teacher_cache[key] = OutputCache.build(
-                self.teachers, loader, modalities, self.device, desc=f"caching teacher outputs ({key} clips)"
+                self.teachers, loaders, modalities, self.device, desc=f"caching teacher outputs ({key} clips)"
             )
         datamodule.keep_training_modalities(list(self.student.modalities))
 
@@ -157,7 +176,9 @@ class DistillModule(TrainingModule):
         student = self.student(inputs, **kwargs)
         if self.cache_teachers:
             teachers = {
-                n: concat_outputs([self._teacher_cache[k][n].lookup(p["index"]) for k, p in zip(keys, parts)], labels.device)
+                n: concat_outputs(
+                    [self._teacher_cache[k][n].lookup(p["index"], p.get("view")) for k, p in zip(keys, parts)], labels.device
+                )
                 for n in self.teachers.models
             }
         else:

@@ -124,10 +124,9 @@ class FusionTeacherModule(TrainingModule):
             modalities = self.teacher.modalities
             self._cache = OutputCache.build(
                 lambda inputs: {name: enc(inputs) for name, enc in encoders.items()},
-                dm.training_clips("source", modalities, augment=True),
+                [dm.training_clips("source", modalities, augment=True)] * self.cache_passes,
                 modalities,
                 self.device,
-                passes=self.cache_passes,
                 desc="caching encoder outputs",
             )
             dm.keep_training_modalities([])
