@@ -9,7 +9,8 @@ seconds (:func:`tiny`).
 * :func:`read_wandb_run`: reads an offline ``run-<id>.wandb`` file with wandb's own protobuf
   messages (offline runs write no ``wandb-summary.json``);
 * :func:`val_batch`: the val clips of a dataset, read exactly as an exported encoder says;
-* :func:`checkpoint`: a Lightning checkpoint as a dict.
+* :func:`checkpoint`: a Lightning checkpoint as a dict;
+* :func:`check_ddp_run`: what a two-process CPU run through an entry point must have done.
 """
 
 from __future__ import annotations
@@ -195,6 +196,42 @@ def val_batch(root: Path, payload: dict[str, Any]) -> dict[str, Any]:
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
     return {"batch": batch, "datamodule": dm}
+
+
+def check_ddp_run(output: str, run: Path, root: Path, *, train_clips: int, batch_size: int = 4) -> None:
+    """A ``trainer=ddp trainer.accelerator=cpu trainer.devices=2`` run of one epoch on ``root``
+    into ``run``:
+    both ranks started and trained on their half of the ``train_clips`` (so the epoch took half
+    the steps), one checkpoint folder and one export were written, and the validation accuracy
+    the ranks computed together (features gathered across ranks) equals a single-process
+    evaluation of the export."""
+    import math
+
+    from mmfsar.fewshot import PrototypeClassifier, mean_confidence_interval, solve_episodes
+    from mmfsar.fewshot.engine import episode_positions
+    from mmfsar.models.base import build_encoder, load_export
+
+    for rank in (0, 1):
+        assert f"Initializing distributed: GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in output, output[-3000:]
+    assert "[rank: 1] Seed set to 42" in output
+    assert sorted(p.relative_to(run.parent) for p in run.parent.rglob("checkpoints")) == [Path(run.name) / "checkpoints"]
+    assert sorted(p.relative_to(run.parent) for p in run.parent.rglob("encoder.pt")) == [Path(run.name) / "encoder.pt"]
+    assert output.count("exported encoder:") == 1
+
+    single, per_rank = train_clips // batch_size, math.ceil(train_clips / 2) // batch_size  # drop_last
+    assert per_rank < single
+    last = checkpoint(run / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == per_rank, f"global step {last['global_step']}: the data was not sharded"
+
+    payload = load_export(run / "encoder.pt")
+    encoder = build_encoder(payload).eval()
+    feed = val_batch(root, payload)
+    dm, batch = feed["datamodule"], feed["batch"]
+    with torch.no_grad():
+        feats = encoder({m: batch[m] for m in encoder.modalities}).pooled
+    positions = episode_positions(dm.val_episodes, [r.clip_id for r in dm.val_set.records])
+    mean, _ = mean_confidence_interval(solve_episodes(PrototypeClassifier(), feats[batch["index"].argsort()][:, None], positions, 1))
+    assert payload["info"]["val_acc"] == pytest.approx(float(mean), abs=0.25), "DDP validation disagrees with one process"
 
 
 @dataclass

@@ -10,7 +10,6 @@ its exports are reused by ``test_distill.py``. Each job trains 2 steps of 4 clip
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,7 @@ import torch
 import yaml
 from hydra.utils import instantiate
 
-from helpers import MODALITIES, checkpoint, read_wandb_run, run_entry, tiny, val_batch
-from mmfsar.fewshot import PrototypeClassifier, mean_confidence_interval, solve_episodes
-from mmfsar.fewshot.engine import episode_positions
+from helpers import MODALITIES, check_ddp_run, checkpoint, read_wandb_run, run_entry, tiny, val_batch
 from mmfsar.models.base import build_encoder, load_export
 
 pytest_plugins = ["conftest_training"]
@@ -155,10 +152,8 @@ def _ddp_case(name: str) -> list[str]:
     "case", ["videomae", pytest.param("frame_cnn", marks=pytest.mark.slow)]
 )
 def test_ddp_on_two_cpu_processes(case, episode_dataset, tmp_path, wandb_home):
-    """``trainer=ddp trainer.accelerator=cpu trainer.devices=2`` through the real entry point:
-    both ranks start and train on their half of the data (so one epoch is half the steps), one
-    checkpoint folder and one export are written, and the validation accuracy the ranks computed
-    together (features gathered across ranks) equals a single-process evaluation of the export."""
+    """``trainer=ddp trainer.accelerator=cpu trainer.devices=2`` through the real entry point
+    (:func:`helpers.check_ddp_run`: sharded training, one export, validation as one process)."""
     from mmfsar.data.meta import DatasetFolder
 
     out = tmp_path / "ddp"
@@ -174,26 +169,5 @@ def test_ddp_on_two_cpu_processes(case, episode_dataset, tmp_path, wandb_home):
         home=wandb_home,
         timeout=900,
     )
-    for rank in (0, 1):
-        assert f"Initializing distributed: GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in output, output[-3000:]
-    assert "[rank: 1] Seed set to 42" in output
-
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("checkpoints")) == [Path("ddp/checkpoints")]
-    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("encoder.pt")) == [Path("ddp/encoder.pt")]
-    assert output.count("exported encoder:") == 1
-
     clips = len(DatasetFolder.open(episode_dataset).select(splits=["base"], domains=["source"]))
-    single, per_rank = clips // 4, math.ceil(clips / 2) // 4  # batch 4, drop_last
-    assert per_rank < single
-    last = checkpoint(out / "checkpoints" / "last.ckpt")
-    assert last["global_step"] == per_rank, f"global step {last['global_step']}: the data was not sharded"
-
-    payload = load_export(out / "encoder.pt")
-    encoder = build_encoder(payload).eval()
-    feed = val_batch(episode_dataset, payload)
-    dm, batch = feed["datamodule"], feed["batch"]
-    with torch.no_grad():
-        feats = encoder({"rgb": batch["rgb"]}).pooled
-    positions = episode_positions(dm.val_episodes, [r.clip_id for r in dm.val_set.records])
-    mean, _ = mean_confidence_interval(solve_episodes(PrototypeClassifier(), feats[batch["index"].argsort()][:, None], positions, 1))
-    assert payload["info"]["val_acc"] == pytest.approx(float(mean), abs=0.25), "DDP validation disagrees with one process"
+    check_ddp_run(output, out, episode_dataset, train_clips=clips)
