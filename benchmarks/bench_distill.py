@@ -2,7 +2,7 @@
 student's vs the teacher's inference time per clip.
 
     python benchmarks/bench_distill.py [--root data/synthetic] [--batch-size 32] [--repeats 7]
-                                       [--recipes mm_cdfsl,lite_mkd] [--threads 1] [--profile]
+                                       [--recipes mm_cdfsl,mm_cdfsl_vit,lite_mkd] [--threads 1] [--profile]
 
 Both published recipes are built in process exactly as the entry points build them (Hydra
 composes the tiny presets' configs, the training modules' ``build`` makes the modules; teachers
@@ -14,6 +14,10 @@ weights: timing does not depend on what the weights are.
   the teachers encode 8 seeded augmented views of every training clip before training
   (``distill.cache_views=8``) and the student trains on those same views, so a step looks the
   teachers' outputs up.
+* ``mm_cdfsl_vit`` (``experiment=mm_cdfsl/...`` with ``model/encoder=vit_tiny input=synthetic
+  data.frames.num_frames=8``): the published recipe, ViT student and teachers sharing a tube
+  mask of ratio 0.75, so the teachers, run at every step, see a quarter of the tokens; the
+  plain step is the student's unmasked supervised step (``plain_masked_step_ms``: masked).
 * ``lite_mkd`` (``experiment=lite_mkd_tiny/...``): 3D-CNN RGB student, the MFM fusion teacher over
   3D-CNN rgb / flow / pose encoders, logit KD + relation + CE on source + target clips; the
   teacher's outputs on the un-augmented clips are cached before training
@@ -88,6 +92,7 @@ from mmfsar.data.modalities import build_modalities  # noqa: E402
 from mmfsar.models.base import export_encoder, load_export  # noqa: E402
 
 MODALITIES = ("rgb", "flow", "pose")
+VIT_ON_SYNTHETIC = ["model/encoder=vit_tiny", "input=synthetic", "data.frames.num_frames=8"]
 RECIPES = {
     "mm_cdfsl": {
         "pretrain": ["experiment=mm_cdfsl_tiny/pretrain"],
@@ -95,6 +100,14 @@ RECIPES = {
         "init_student_from_rgb": True,
         "fusion": None,
         "plain": ["experiment=mm_cdfsl_tiny/pretrain"],
+    },
+    # The published MM-CDFSL recipe on the synthetic data's geometry (see the module docstring).
+    "mm_cdfsl_vit": {
+        "pretrain": ["experiment=mm_cdfsl/pretrain", *VIT_ON_SYNTHETIC],
+        "distill": ["experiment=mm_cdfsl/distill", *VIT_ON_SYNTHETIC],
+        "init_student_from_rgb": True,
+        "fusion": None,
+        "plain": ["experiment=mm_cdfsl/pretrain", "model.decoder=null", *VIT_ON_SYNTHETIC],
     },
     "lite_mkd": {
         "pretrain": ["experiment=lite_mkd_tiny/pretrain"],
@@ -404,7 +417,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="clips per step (default: the presets' data.batch_size)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--recipes", default="mm_cdfsl,lite_mkd")
+    ap.add_argument("--recipes", default="mm_cdfsl,mm_cdfsl_vit,lite_mkd")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--profile", action="store_true", help="break the distillation step down")
     args = ap.parse_args()

@@ -16,7 +16,7 @@ from mmfsar.data.datamodules import (
     PretrainDataModule,
     TrainingDataModule,
 )
-from mmfsar.data.dataset import UNLABELLED, ClipDataset
+from mmfsar.data.dataset import UNLABELLED, ClipDataset, ClipViews
 from mmfsar.data.errors import DataError
 from mmfsar.data.meta import DatasetFolder
 from mmfsar.data.readers import FrameReader
@@ -180,19 +180,19 @@ def test_training_is_random_and_evaluation_is_deterministic(tiny_dataset, make_m
 def test_fixed_training_views_are_the_same_in_every_loader_and_process(tiny_dataset, make_modalities):
     """After ``fix_training_views(K, seed)``, a training load is one of K views per clip: view v of
     a clip is the same tensor whether it comes from the training loader (any worker, any global
-    RNG state) or from ``training_clips(view=v)``, which the teachers encode; views of one clip
-    differ; another seed gives other views; a view without fixed views is an error."""
+    RNG state) or from ``training_views`` (which the teachers encode, each clip's frames read
+    once for all its views); views of one clip differ; another seed gives other views; asking
+    for the views before fixing them is an error."""
     dm = training(tiny_dataset, make_modalities, "rgb", "flow", num_workers=2)
     dm.setup("fit")
     with pytest.raises(DataError, match="fix_training_views was not called"):
-        dm.training_clips("source", ["rgb"], augment=True, view=0)
+        dm.training_views("source", ["rgb"])
     dm.fix_training_views(3, seed=7)
-    per_view = []
-    for v in range(3):
-        batches = list(dm.training_clips("source", ["rgb", "flow"], augment=True, view=v))
-        b = {k: torch.cat([x[k] for x in batches]) for k in ("rgb", "flow", "index", "view")}
-        assert b["view"].tolist() == [v] * len(b["index"]) and b["index"].tolist() == list(range(len(b["index"])))
-        per_view.append(b)
+    everything = ClipViews.collate(list(dm.training_views("source", ["rgb", "flow"])))
+    clips = len(dm.train_sets["source"])
+    assert everything["index"].tolist() == [i for i in range(clips) for _ in range(3)]
+    assert everything["view"].tolist() == [0, 1, 2] * clips
+    per_view = [{k: v[everything["view"] == view] for k, v in everything.items()} for view in range(3)]
     assert not torch.equal(per_view[0]["rgb"], per_view[1]["rgb"]) and not torch.equal(per_view[1]["rgb"], per_view[2]["rgb"])
     seen = set()
     for seed in range(3):  # global RNG state and workers change which views are drawn, not what they are
@@ -203,8 +203,8 @@ def test_fixed_training_views_are_the_same_in_every_loader_and_process(tiny_data
                 seen.add(v)
     assert seen == {0, 1, 2}
     dm.fix_training_views(3, seed=8)
-    other = next(iter(dm.training_clips("source", ["rgb"], augment=True, view=0)))
-    assert not torch.equal(other["rgb"], per_view[0]["rgb"])
+    other = next(iter(dm.training_views("source", ["rgb"])))
+    assert not torch.equal(other["rgb"][0], per_view[0]["rgb"][0])
     with pytest.raises(DataError, match="views must be >= 1"):
         dm.fix_training_views(0, seed=0)
 

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import lightning as L
 from torch.utils.data import DataLoader
 
-from mmfsar.data.dataset import ClipDataset
+from mmfsar.data.dataset import ClipDataset, ClipViews
 from mmfsar.data.episodes import EpisodeSampler, EpisodeSet, EpisodeSettings
 from mmfsar.data.errors import DataError
 from mmfsar.data.meta import ANNOTATION_FILE, ClipRecord, DatasetFolder
@@ -204,26 +204,39 @@ class TrainingDataModule(ClipDataModule):
             len(self.val_episodes),
         )
 
-    def training_clips(self, key: str, modalities: list[str], *, augment: bool, view: int | None = None) -> DataLoader:
+    def training_clips(self, key: str, modalities: list[str], *, augment: bool) -> DataLoader:
         """The training clips of ``key`` ("source" / "target") with the given modalities, in
-        dataset order, augmented or not, or (``view``) their fixed augmented view of that number
-        (see :meth:`fix_training_views`): for computing per-clip outputs of frozen models once."""
+        dataset order, augmented or not: for computing per-clip outputs of frozen models once."""
+        return self._loader(self._training_subset(key, modalities, train=augment), train=False)
+
+    def training_views(self, key: str, modalities: list[str]) -> DataLoader:
+        """Every fixed view (:meth:`fix_training_views`) of every training clip of ``key``, with
+        the given modalities, a clip's views together (each stream read once for all of them):
+        batches of ``{modality, "index", "view"}``, for encoding every view once."""
         ds = self.train_sets[key]
-        if view is not None and not ds.views:
-            raise DataError(f"training clips ({key}): view {view} asked for, but fix_training_views was not called")
-        clips = ClipDataset(
+        if not ds.views:
+            raise DataError(f"training views ({key}): fix_training_views was not called")
+        views = ClipViews(self._training_subset(key, modalities, train=True))
+        return DataLoader(
+            views,
+            batch_size=max(1, self.eval_batch_size // ds.views),
+            collate_fn=ClipViews.collate,
+            num_workers=self.num_workers,
+        )
+
+    def _training_subset(self, key: str, modalities: list[str], *, train: bool) -> ClipDataset:
+        ds = self.train_sets[key]
+        return ClipDataset(
             ds.records,
             {m: self.modalities[m] for m in modalities},
             self.frames,
-            train=augment or view is not None,
+            train=train,
             labels=ds.labels,
             augmentation=self.augmentation,
             aspect=ds.aspect,
-            views=ds.views if view is not None else 0,
+            views=ds.views if train else 0,
             view_seed=ds.view_seed,
-            view=view,
         )
-        return self._loader(clips, train=False)
 
     def fix_training_views(self, views: int, seed: int) -> None:
         """Draw every training clip from ``views`` fixed augmented views from now on (each seeded

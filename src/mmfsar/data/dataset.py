@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from mmfsar.data.meta import ClipRecord
 from mmfsar.data.modalities import Modality
-from mmfsar.data.transforms import ClipAugmentation, UniformSegments
+from mmfsar.data.transforms import ClipAugmentation, SpatialParams, UniformSegments
 
 UNLABELLED = -1
 
@@ -30,9 +30,9 @@ class ClipDataset(Dataset):
         views: with ``train``, 0 draws a fresh augmentation (temporal jitter, crop, flip) at every
             load; ``K > 0`` draws each load from K fixed augmented views per clip, view ``v`` of a
             clip seeded by (``view_seed``, clip id, ``v``), and adds its number as ``"view"``. A
-            frozen model can then encode every view once and be looked up by (index, view) while
-            a trained model sees exactly the same inputs (teacher caching in distillation).
-        view: with ``views``, always load this view (for encoding the views one at a time).
+            frozen model can then encode every view once (:class:`ClipViews`) and be looked up
+            by (index, view) while a trained model sees exactly the same inputs (teacher caching
+            in distillation).
     """
 
     def __init__(
@@ -47,10 +47,7 @@ class ClipDataset(Dataset):
         aspect: float = 1.0,
         views: int = 0,
         view_seed: int = 0,
-        view: int | None = None,
     ) -> None:
-        if views < 0 or (view is not None and not 0 <= view < views):
-            raise ValueError(f"ClipDataset: view {view} of views={views}")
         self.records = list(records)
         self.modalities = dict(modalities)
         self.frames = frames
@@ -60,19 +57,14 @@ class ClipDataset(Dataset):
         self.aspect = aspect
         self.views = views if train else 0
         self.view_seed = view_seed
-        self.view = view
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rec = self.records[index]
-        view, generator = None, None
-        if self.views:
-            view = self.view if self.view is not None else int(torch.randint(self.views, ()))
-            generator = view_generator(self.view_seed, rec.clip_id, view)
-        frame_idx = self.frames(rec.start_frame, rec.end_frame, jitter=self.train, clip_id=rec.clip_id, generator=generator)
-        params = self.augmentation.sample(self.aspect, train=self.train, generator=generator)
+        view = int(torch.randint(self.views, ())) if self.views else None
+        frame_idx, params = self.draw(rec, view)
         item: dict[str, Any] = {name: m(rec, frame_idx, params) for name, m in self.modalities.items()}
         item["label"] = self.labels[rec.label_name] if self.labels is not None else UNLABELLED
         item["clip_id"] = rec.clip_id
@@ -81,6 +73,13 @@ class ClipDataset(Dataset):
         if view is not None:
             item["view"] = view
         return item
+
+    def draw(self, rec: ClipRecord, view: int | None) -> tuple[np.ndarray, SpatialParams]:
+        """Frame indices and spatial parameters of one load of ``rec``: of its fixed ``view``, or
+        (None) freshly random when training, deterministic otherwise."""
+        generator = None if view is None else view_generator(self.view_seed, rec.clip_id, view)
+        frame_idx = self.frames(rec.start_frame, rec.end_frame, jitter=self.train, clip_id=rec.clip_id, generator=generator)
+        return frame_idx, self.augmentation.sample(self.aspect, train=self.train, generator=generator)
 
     def targets(self) -> torch.Tensor:
         """Integer labels of all clips (-1 when unlabelled), without loading any frame."""
@@ -93,3 +92,34 @@ def view_generator(seed: int, clip_id: str, view: int) -> torch.Generator:
     """The random stream of one augmented view of one clip: the same in every process and run."""
     state = np.random.SeedSequence([seed, zlib.crc32(clip_id.encode()), view]).generate_state(1, np.uint64)
     return torch.Generator().manual_seed(int(state[0]))
+
+
+class ClipViews(Dataset):
+    """Every fixed view of every clip of ``clips`` (a :class:`ClipDataset` with ``views``): item
+    ``i`` is ``{modality: (K, ...), "index": (K,), "view": (K,)}``, view ``v`` exactly what
+    loading clip ``i`` as view ``v`` gives, but each stream's frames read (decoded) once for all
+    K views. Batch with :meth:`collate`, which concatenates the views of the clips."""
+
+    def __init__(self, clips: ClipDataset) -> None:
+        if not clips.views:
+            raise ValueError("ClipViews needs a training ClipDataset with fixed views (views > 0)")
+        self.clips = clips
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rec, views = self.clips.records[index], self.clips.views
+        drawn = [self.clips.draw(rec, v) for v in range(views)]
+        frames = np.unique(np.concatenate([f for f, _ in drawn]))
+        item = {}
+        for name, m in self.clips.modalities.items():
+            raw = m.load(rec, frames)
+            item[name] = torch.stack([m.to_tensor(raw[np.searchsorted(frames, f)], p) for f, p in drawn])
+        item["index"] = torch.full((views,), index)
+        item["view"] = torch.arange(views)
+        return item
+
+    @staticmethod
+    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {k: torch.cat([it[k] for it in items]) for k in items[0]}

@@ -174,23 +174,26 @@ class OutputCache:
         *,
         desc: str = "caching encoder outputs",
     ) -> dict[str, "OutputCache"]:
-        """Run ``encode`` (inputs -> outputs by name) over each loader of the same clips: one pass each."""
+        """Run ``encode`` (inputs -> outputs by name) over loaders of the same clips. A batch's
+        rows belong to the pass in its ``"view"`` entry if it has one (a loader of every view,
+        :meth:`~mmfsar.data.datamodules.TrainingDataModule.training_views`), else to the
+        loader's number; every pass must cover every clip once."""
         from tqdm.auto import tqdm
 
         size = len(loaders[0].dataset)
-        per_pass: list[dict[str, list]] = []
-        bar = tqdm(total=sum(len(loader) for loader in loaders), desc=desc, leave=False)
-        for loader in loaders:
-            chunks: dict[str, list] = {}
-            for batch in loader:
-                for name, out in encode({m: batch[m].to(device) for m in modalities}).items():
-                    chunks.setdefault(name, []).append((batch["index"], out))
-                bar.update()
-            per_pass.append(chunks)
-        bar.close()
+        chunks: dict[str, list[tuple[torch.Tensor, torch.Tensor, EncoderOutput]]] = {}
+        with tqdm(total=sum(len(loader) for loader in loaders), desc=desc, leave=False) as bar:
+            for number, loader in enumerate(loaders):
+                for batch in loader:
+                    index = batch["index"]
+                    passes = batch["view"] if "view" in batch else torch.full_like(index, number)
+                    for name, out in encode({m: batch[m].to(device) for m in modalities}).items():
+                        chunks.setdefault(name, []).append((passes, index, out))
+                    bar.update()
         out = {}
-        for name in per_pass[0]:
-            fields = [_stack_pass(p[name], size) for p in per_pass]
+        for name, parts in chunks.items():
+            count = int(max(p.max() for p, _, _ in parts)) + 1
+            fields = [_stack_pass([(i[p == n], _rows(o, p == n)) for p, i, o in parts], size) for n in range(count)]
             out[name] = cls(*(None if f[0] is None else torch.stack(f) for f in zip(*fields)))
         return out
 
@@ -204,6 +207,12 @@ class OutputCache:
         p = torch.randint(0, self.passes, i.shape) if passes is None else passes.cpu()
         pick = lambda t: None if t is None else t[p, i]  # noqa: E731
         return EncoderOutput(pooled=pick(self.pooled), frames=pick(self.frames), logits=pick(self.logits))
+
+
+def _rows(out: EncoderOutput, keep: torch.Tensor) -> EncoderOutput:
+    keep = keep.to(out.pooled.device)
+    pick = lambda t: None if t is None else t[keep]  # noqa: E731
+    return EncoderOutput(pooled=pick(out.pooled), frames=pick(out.frames), logits=pick(out.logits))
 
 
 def _stack_pass(batches: list[tuple[torch.Tensor, EncoderOutput]], size: int) -> tuple:

@@ -154,7 +154,7 @@ class DistillModule(TrainingModule):
             datamodule.fix_training_views(self.cache_views, seed=torch.initial_seed())
         for key in datamodule.train_sets:
             if self.cache_views:
-                loaders = [datamodule.training_clips(key, modalities, augment=True, view=v) for v in range(self.cache_views)]
+                loaders = [datamodule.training_views(key, modalities)]
             else:
                 loaders = [datamodule.training_clips(key, modalities, augment=False)]
             self._teacher_cache[key] = OutputCache.build(
