@@ -261,6 +261,7 @@ def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_
         assert all(torch.equal(v, init[k]) for k, v in student_before.items())
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step outside a Trainer
 def test_cached_teacher_views_are_what_the_teachers_give_on_the_students_inputs(mm_cdfsl_pretrained, episode_dataset, tmp_path):
     """``distill.cache_teachers=true distill.cache_views=3``: the teachers encode 3 seeded views
     per training clip before training; every training batch then carries each clip's view, and
