@@ -10,7 +10,7 @@ seconds (:func:`tiny`).
   messages (offline runs write no ``wandb-summary.json``);
 * :func:`val_batch`: the val clips of a dataset, read exactly as an exported encoder says;
 * :func:`checkpoint`: a Lightning checkpoint as a dict;
-* :func:`check_ddp_run`: what a two-process CPU run through an entry point must have done.
+* :func:`run_ddp`: a two-process CPU run of an entry point, checked.
 """
 
 from __future__ import annotations
@@ -198,19 +198,31 @@ def val_batch(root: Path, payload: dict[str, Any]) -> dict[str, Any]:
     return {"batch": batch, "datamodule": dm}
 
 
-def check_ddp_run(output: str, run: Path, root: Path, *, train_clips: int, batch_size: int = 4) -> None:
-    """A ``trainer=ddp trainer.accelerator=cpu trainer.devices=2`` run of one epoch on ``root``
-    into ``run``:
+def run_ddp(script: str, *overrides: str, run: Path, root: Path, home: Path, train_domain: str) -> None:
+    """Run ``script`` with ``trainer=ddp trainer.accelerator=cpu trainer.devices=2`` for one
+    epoch (batches of 4) on ``root`` into ``run`` and check it:
     both ranks started and trained on their half of the ``train_clips`` (so the epoch took half
     the steps), one checkpoint folder and one export were written, and the validation accuracy
     the ranks computed together (features gathered across ranks) equals a single-process
-    evaluation of the export."""
+    evaluation of the export. ``train_domain``: the domain of the base-class clips it trains on."""
     import math
 
+    from mmfsar.data.meta import DatasetFolder
     from mmfsar.fewshot import PrototypeClassifier, mean_confidence_interval, solve_episodes
     from mmfsar.fewshot.engine import episode_positions
     from mmfsar.models.base import build_encoder, load_export
 
+    output = run_entry(
+        script,
+        *overrides,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        f"hydra.run.dir={run}",
+        *tiny(root, batches=None),
+        home=home,
+        timeout=900,
+    )
     for rank in (0, 1):
         assert f"Initializing distributed: GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/2" in output, output[-3000:]
     assert "[rank: 1] Seed set to 42" in output
@@ -218,7 +230,8 @@ def check_ddp_run(output: str, run: Path, root: Path, *, train_clips: int, batch
     assert sorted(p.relative_to(run.parent) for p in run.parent.rglob("encoder.pt")) == [Path(run.name) / "encoder.pt"]
     assert output.count("exported encoder:") == 1
 
-    single, per_rank = train_clips // batch_size, math.ceil(train_clips / 2) // batch_size  # drop_last
+    train_clips = len(DatasetFolder.open(root).select(splits=["base"], domains=[train_domain]))
+    single, per_rank = train_clips // 4, math.ceil(train_clips / 2) // 4  # drop_last
     assert per_rank < single
     last = checkpoint(run / "checkpoints" / "last.ckpt")
     assert last["global_step"] == per_rank, f"global step {last['global_step']}: the data was not sharded"

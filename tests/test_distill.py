@@ -26,7 +26,7 @@ import pytest
 import torch
 from hydra.utils import get_class, instantiate
 
-from helpers import CONFIG_DIR, MODALITIES, check_ddp_run, checkpoint, eval_overrides, run_entry, tiny
+from helpers import CONFIG_DIR, MODALITIES, checkpoint, eval_overrides, run_ddp, run_entry, tiny
 from mmfsar.models.base import load_export
 
 pytest_plugins = ["conftest_training"]
@@ -307,24 +307,16 @@ def test_cached_teacher_views_are_what_the_teachers_give_on_the_students_inputs(
 def test_ddp_distillation_on_two_cpu_processes(mm_cdfsl_pretrained, episode_dataset, tmp_path, wandb_home):
     """``experiment=mm_cdfsl_tiny/distill trainer=ddp trainer.accelerator=cpu trainer.devices=2``
     through the entry point (teacher outputs cached over views on each rank):
-    :func:`helpers.check_ddp_run`: sharded training, one export, validation as one process."""
-    from mmfsar.data.meta import DatasetFolder
-
-    out = tmp_path / "ddp"
-    output = run_entry(
+    :func:`helpers.run_ddp`: sharded training, one export, validation as one process."""
+    run_ddp(
         "lit_main_distill.py",
         "experiment=mm_cdfsl_tiny/distill",
         *mm_cdfsl_teachers(mm_cdfsl_pretrained),
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        f"hydra.run.dir={out}",
-        *tiny(episode_dataset, batches=None),
+        run=tmp_path / "ddp",
+        root=episode_dataset,
         home=wandb_home,
-        timeout=900,
+        train_domain="target",
     )
-    clips = len(DatasetFolder.open(episode_dataset).select(splits=["base"], domains=["target"]))
-    check_ddp_run(output, out, episode_dataset, train_clips=clips)
 
 
 # ViT geometry for the synthetic data: 64-px streams, 8 frames (the paper's 224 px / 16 frames

@@ -17,7 +17,7 @@ import torch
 import yaml
 from hydra.utils import instantiate
 
-from helpers import MODALITIES, check_ddp_run, checkpoint, read_wandb_run, run_entry, tiny, val_batch
+from helpers import MODALITIES, checkpoint, read_wandb_run, run_ddp, run_entry, tiny, val_batch
 from mmfsar.models.base import build_encoder, load_export
 
 pytest_plugins = ["conftest_training"]
@@ -153,21 +153,13 @@ def _ddp_case(name: str) -> list[str]:
 )
 def test_ddp_on_two_cpu_processes(case, episode_dataset, tmp_path, wandb_home):
     """``trainer=ddp trainer.accelerator=cpu trainer.devices=2`` through the real entry point
-    (:func:`helpers.check_ddp_run`: sharded training, one export, validation as one process)."""
-    from mmfsar.data.meta import DatasetFolder
-
-    out = tmp_path / "ddp"
-    output = run_entry(
+    (:func:`helpers.run_ddp`: sharded training, one export, validation as one process)."""
+    run_ddp(
         "lit_main_pretrain.py",
         *_ddp_case(case),
         "modality=rgb",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        f"hydra.run.dir={out}",
-        *tiny(episode_dataset, batches=None),
+        run=tmp_path / "ddp",
+        root=episode_dataset,
         home=wandb_home,
-        timeout=900,
+        train_domain="source",
     )
-    clips = len(DatasetFolder.open(episode_dataset).select(splits=["base"], domains=["source"]))
-    check_ddp_run(output, out, episode_dataset, train_clips=clips)
