@@ -45,7 +45,7 @@ def _exp_nonpositive(x, bits):
 
     The softmax's exponentials are most of an evaluation's time with libm's scalar ``exp``; as
     plain arithmetic (Cody–Waite reduction, Taylor polynomial of degree 13 on |r| ≤ ln2/2, the
-    power of two built in the exponent bits) the loops vectorise, 6x faster, within 3 ulp of
+    power of two built in the exponent bits) the loops vectorise, 6x faster, within 4 ulp of
     libm's. No reassociation here: it would fold the shifter's rounding away.
     """
     for i in range(x.shape[0]):
