@@ -1,6 +1,6 @@
 """Data-loading throughput: clips/s per modality reader and for full multimodal clips.
 
-    python benchmarks/bench_data.py [--root data/synthetic] [--clips 300] [--workers 2]
+    python benchmarks/bench_data.py [--root data/synthetic] [--clips 300] [--workers 2] [--tiny]
 
 On the default synthetic dataset (generated on first use with the settings of
 ``configs/data/synthetic.yaml``, or any dataset given by ``--root``) it measures, after a warm-up:
@@ -49,11 +49,14 @@ MODALITIES = ("rgb", "flow", "pose", "depth")
 
 
 def modality_configs(names, **overrides) -> dict:
+    """configs/modality/<name>.yaml as a composed config resolves them (sizes from the default
+    ``input`` group), with ``overrides`` per modality."""
     cfgs = {}
     for name in names:
         cfg = OmegaConf.load(REPO / "configs" / "modality" / f"{name}.yaml")
         cfgs[name] = OmegaConf.merge(cfg, overrides.get(name, {}))
-    return cfgs
+    composed = OmegaConf.create({"input": OmegaConf.load(REPO / "configs" / "input" / "synthetic.yaml"), "modalities": cfgs})
+    return OmegaConf.to_container(composed, resolve=True)["modalities"]
 
 
 def rate(fn: Callable[[int], None], n: int, warmup: int, repeats: int) -> dict:
@@ -163,7 +166,7 @@ def bench_loader(folder: DatasetFolder, records, frames: UniformSegments, worker
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=None, help="dataset folder (default: the synthetic dataset)")
     ap.add_argument("--clips", type=int, default=200, help="timed clips per stream measurement")
@@ -174,7 +177,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--torch-threads", type=int, default=1, help="torch threads of the main process")
-    args = ap.parse_args()
+    ap.add_argument("--tiny", action="store_true", help="a few clips, one repeat: checks that the script runs")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.clips, args.loader_clips, args.repeats, args.warmup, args.batch_size = 4, 8, 1, 1, 4
     torch.set_num_threads(args.torch_threads)
 
     data_cfg = OmegaConf.load(REPO / "configs" / "data" / "synthetic.yaml")

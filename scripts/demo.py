@@ -37,6 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from mmfsar.fewshot.stats import format_mean_ci  # noqa: E402
+
 MODALITIES = ("rgb", "flow", "pose")
 SETTINGS = (1, 5)  # k_shot, 5-way, 15 queries
 
@@ -182,7 +184,7 @@ class Demo:
             "|---|" + "---|" * len(settings),
         ]
         for m in models:
-            lines.append(f"| {m} | " + " | ".join(f"{cell[m, s]['mean']:.2f} ± {cell[m, s]['ci95']:.2f}" for s in settings) + " |")
+            lines.append(f"| {m} | " + " | ".join(format_mean_ci(cell[m, s]["mean"], cell[m, s]["ci95"]) for s in settings) + " |")
         first = rows[0]
         caption = (
             f"Accuracy (%) ± 95% CI, {first['n_query']} queries, {first['episodes']} episodes, "

@@ -243,7 +243,7 @@ def run_ddp(script: str, *overrides: str, run: Path, root: Path, home: Path, tra
     with torch.no_grad():
         feats = encoder({m: batch[m] for m in encoder.modalities}).pooled
     positions = episode_positions(dm.val_episodes, [r.clip_id for r in dm.val_set.records])
-    mean, _ = mean_confidence_interval(solve_episodes(PrototypeClassifier(), feats[batch["index"].argsort()][:, None], positions, 1))
+    mean, _ = mean_confidence_interval(solve_episodes(PrototypeClassifier(), feats[batch["index"].argsort()][:, None, None], positions, 1))
     assert payload["info"]["val_acc"] == pytest.approx(float(mean), abs=0.25), "DDP validation disagrees with one process"
 
 

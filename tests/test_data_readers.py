@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 from mmfsar.data.meta import DatasetFolder
 from mmfsar.data.readers import FrameReader, dequantize_flow, quantize_flow
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 from mmfsar.data.meta import DatasetFolder
 from mmfsar.data.transforms import (
     ClipAugmentation,

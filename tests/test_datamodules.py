@@ -17,7 +17,7 @@ from mmfsar.data.datamodules import (
     TrainingDataModule,
 )
 from mmfsar.data.dataset import UNLABELLED, ClipDataset, ClipViews
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 from mmfsar.data.meta import DatasetFolder
 from mmfsar.data.readers import FrameReader
 from mmfsar.data.transforms import ClipAugmentation, SpatialParams, UniformSegments
@@ -178,22 +178,19 @@ def test_training_is_random_and_evaluation_is_deterministic(tiny_dataset, make_m
 
 
 def test_fixed_training_views_are_the_same_in_every_loader_and_process(tiny_dataset, make_modalities):
-    """After ``fix_training_views(K, seed)``, a training load is one of K views per clip: view v of
-    a clip is the same tensor whether it comes from the training loader (any worker, any global
-    RNG state) or from ``training_views`` (which the teachers encode, each clip's frames read
-    once for all its views); views of one clip differ; another seed gives other views; asking
-    for the views before fixing them is an error."""
+    """After ``configure_training(views=K, seed)``, a training load is one of K views per clip:
+    view v of a clip is the same tensor whether it comes from the training loader (any worker,
+    any global RNG state) or from ``frozen_loader`` (which frozen models encode, each clip's
+    frames read once for all its views); views of one clip differ; another seed gives other views."""
     dm = training(tiny_dataset, make_modalities, "rgb", "flow", num_workers=2)
     dm.setup("fit")
-    with pytest.raises(DataError, match="fix_training_views was not called"):
-        dm.training_views("source", ["rgb"])
-    dm.fix_training_views(3, seed=7)
-    everything = ClipViews.collate(list(dm.training_views("source", ["rgb", "flow"])))
+    everything = ClipViews.collate(list(dm.frozen_loader("source", ["rgb", "flow"], views=3, seed=7)))
     clips = len(dm.train_sets["source"])
     assert everything["index"].tolist() == [i for i in range(clips) for _ in range(3)]
     assert everything["view"].tolist() == [0, 1, 2] * clips
     per_view = [{k: v[everything["view"] == view] for k, v in everything.items()} for view in range(3)]
     assert not torch.equal(per_view[0]["rgb"], per_view[1]["rgb"]) and not torch.equal(per_view[1]["rgb"], per_view[2]["rgb"])
+    dm.configure_training(views=3, seed=7, modalities=["rgb", "flow"])
     seen = set()
     for seed in range(3):  # global RNG state and workers change which views are drawn, not what they are
         torch.manual_seed(seed)
@@ -202,11 +199,11 @@ def test_fixed_training_views_are_the_same_in_every_loader_and_process(tiny_data
                 assert torch.equal(batch["rgb"][j], per_view[v]["rgb"][i]) and torch.equal(batch["flow"][j], per_view[v]["flow"][i])
                 seen.add(v)
     assert seen == {0, 1, 2}
-    dm.fix_training_views(3, seed=8)
-    other = next(iter(dm.training_views("source", ["rgb"])))
+    other = next(iter(dm.frozen_loader("source", ["rgb"], views=3, seed=8)))
     assert not torch.equal(other["rgb"][0], per_view[0]["rgb"][0])
-    with pytest.raises(DataError, match="views must be >= 1"):
-        dm.fix_training_views(0, seed=0)
+    dm.configure_training(views=0, seed=0, modalities=["rgb"])  # fresh augmentations, RGB only
+    batch = next(iter(dm.train_dataloader()["source"]))
+    assert "view" not in batch and "flow" not in batch and "rgb" in batch
 
 
 def test_workers_give_the_same_evaluation_batches(tiny_dataset, make_modalities):
@@ -249,15 +246,24 @@ def test_episode_file_round_trip_and_wrong_split(tiny_dataset, make_modalities, 
         val.setup()
 
 
+def test_a_val_class_without_clips_in_the_domain_is_named(tiny_dataset_copy, make_modalities):
+    ann = tiny_dataset_copy / "annotations.csv"
+    rows = ann.read_text().splitlines()
+    ann.write_text("\n".join(r for r in rows if not r.startswith("target_both_raise")) + "\n")
+    dm = training(tiny_dataset_copy, make_modalities, "rgb", val_episodes={"n_way": 2, "k_shot": 1, "n_query": 1})
+    with pytest.raises(DataError, match=r"(?s)data.val_episodes.n_way=2 but the split has only 1 classes.*class 'both_raise' has 0 clips"):
+        dm.setup()
+
+
 def test_episodes_that_cannot_be_drawn_fail_at_setup(tiny_dataset, make_modalities):
     dm = fewshot(tiny_dataset, make_modalities, "rgb", episodes={"n_way": 3, "k_shot": 1, "n_query": 1})
-    with pytest.raises(DataError, match=r"(?s)novel episodes, domain target .*fewshot.n_way=3 but the split has only 2 classes"):
+    with pytest.raises(DataError, match=r"(?s)novel episodes, domain 'target' .*fewshot.n_way=3 but the split has only 2 classes"):
         dm.setup()
     dm = fewshot(tiny_dataset, make_modalities, "rgb", episodes={"n_way": 2, "k_shot": 1, "n_query": 3})
     with pytest.raises(DataError, match=r"class 'arm_lower' has 3 clips, fewer than k_shot \+ n_query = 1 \+ 3 = 4"):
         dm.setup()
     dm = training(tiny_dataset, make_modalities, "rgb", val_episodes=None)  # default: 5-way 1-shot 5-query
-    with pytest.raises(DataError, match=r"(?s)validation episodes \(val classes\).*fewshot.n_way=5 but the split has only 2"):
+    with pytest.raises(DataError, match=r"(?s)val episodes, domain 'target' .*data.val_episodes.n_way=5 but the split has only 0"):
         dm.setup()
 
 

@@ -21,6 +21,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -235,7 +236,7 @@ def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3
 
-    models = module.teachers.models
+    models = module.frozen_models()
     assert sorted(models) == sorted(teachers)
     optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     for name, path in teachers.items():
@@ -263,11 +264,11 @@ def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step outside a Trainer
 def test_cached_teacher_views_are_what_the_teachers_give_on_the_students_inputs(mm_cdfsl_pretrained, episode_dataset, tmp_path):
-    """``distill.cache_teachers=true distill.cache_views=3``: the teachers encode 3 seeded views
-    per training clip before training; every training batch then carries each clip's view, and
-    the cached outputs looked up for it are the teachers' outputs on exactly the student's input:
-    the training step's loss equals the loss with the teachers run on the batch (an RGB teacher,
-    so the student's batch is all it needs)."""
+    """``cache=frozen cache.views=3``: the teachers encode 3 seeded views per training clip
+    before training; every training batch then carries each clip's view, and the cached outputs
+    looked up for it are the teachers' outputs on exactly the student's input: the training
+    step's loss equals the loss with the teachers run on the batch (an RGB teacher, so the
+    student's batch is all it needs)."""
     from mmfsar.data.modalities import build_modalities
 
     sweep = mm_cdfsl_pretrained
@@ -275,8 +276,7 @@ def test_cached_teacher_views_are_what_the_teachers_give_on_the_students_inputs(
         "experiment=mm_cdfsl_tiny/distill",
         f"model.init_from={sweep.encoder('rgb')}",
         f"model.teachers.rgb={sweep.encoder('rgb')}",
-        "distill.cache_teachers=true",
-        "distill.cache_views=3",
+        "cache.views=3",
         *tiny(episode_dataset),
     ]
     cfg = compose_distill(overrides, tmp_path)
@@ -284,24 +284,22 @@ def test_cached_teacher_views_are_what_the_teachers_give_on_the_students_inputs(
     datamodule = instantiate(cfg.data, modalities=build_modalities(module_cls.modality_configs(cfg.model, cfg.modalities)))
     datamodule.setup("fit")
     module = module_cls.build(cfg.model, datamodule)
+    cache = instantiate(cfg.cache)
     torch.manual_seed(0)
-    module.build_teacher_cache(datamodule)
-    cache = module._teacher_cache["target"]
-    assert cache["rgb"].passes == 3
+    cache.on_fit_start(SimpleNamespace(datamodule=datamodule), module)
+    assert module.frozen_cache is cache and cache.tables["target"]["rgb"].pooled.shape[0] == 3
     views = set()
     for batch in datamodule.train_dataloader()["target"]:
         assert set(batch) == {"rgb", "label", "clip_id", "domain", "index", "view"}
         with torch.no_grad():
             cached = module.training_step({"target": batch}, 0)
-            module.cache_teachers = False
+            module.frozen_cache = None
             direct = module.training_step({"target": batch}, 0)
-            module.cache_teachers = True
+            module.frozen_cache = cache
         torch.testing.assert_close(cached, direct, rtol=1e-4, atol=1e-6)
         assert cached > 0
         views.update(batch["view"].tolist())
     assert views == {0, 1, 2}
-    with pytest.raises(Exception, match="cache_views=2 needs distill.cache_teachers=true"):
-        module_cls.build(compose_distill([*overrides, "distill.cache_teachers=false", "distill.cache_views=2"], tmp_path).model, datamodule)
 
 
 def test_ddp_distillation_on_two_cpu_processes(mm_cdfsl_pretrained, episode_dataset, tmp_path, wandb_home):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmfsar.data.episodes import EpisodeSampler, EpisodeSet, EpisodeSettings, episode_problems
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 from mmfsar.data.meta import DatasetFolder
 
 # 7 classes with 6..12 clips each: clip "c{class}_{k}"; class names sorted != insertion order
@@ -147,7 +147,7 @@ def test_a_class_too_small_is_an_error_naming_it():
 
 
 def test_n_way_larger_than_the_classes_is_an_error():
-    with pytest.raises(DataError, match=r"fewshot.n_way=8 but the split has only 7 classes"):
+    with pytest.raises(DataError, match=r"fewshot.n_way=8 but the split has only 7 classes with at least"):
         sampler(n_way=8)
     eps = sampler(n_way=7, episodes=5).sample()
     assert all(sorted(eps.classes[e].tolist()) == list(range(7)) for e in range(5))
@@ -161,9 +161,18 @@ def test_non_positive_settings_are_errors(key):
 
 def test_episode_problems_lists_every_problem():
     s = EpisodeSettings(n_way=5, k_shot=1, n_query=4)
-    assert episode_problems({"a": 5, "b": 9}, s) == ["fewshot.n_way=5 but the split has only 2 classes"]
+    assert episode_problems({"a": 5, "b": 9}, s) == [
+        "fewshot.n_way=5 but the split has only 2 classes with at least fewshot.k_shot + fewshot.n_query = 5 clips (2 classes in all)"
+    ]
+    # a class without enough clips is not usable, and the key of the settings is named
+    assert episode_problems({"a": 5, "b": 2}, EpisodeSettings(n_way=2, k_shot=1, n_query=4), "data.val_episodes") == [
+        "data.val_episodes.n_way=2 but the split has only 1 classes with at least data.val_episodes.k_shot + "
+        "data.val_episodes.n_query = 5 clips (2 classes in all)",
+        "class 'b' has 2 clips, fewer than k_shot + n_query = 1 + 4 = 5",
+    ]
     problems = episode_problems({"a": 4, "b": 9, "c": 0}, EpisodeSettings(n_way=3, k_shot=1, n_query=4))
     assert problems == [
+        "fewshot.n_way=3 but the split has only 1 classes with at least fewshot.k_shot + fewshot.n_query = 5 clips (3 classes in all)",
         "class 'a' has 4 clips, fewer than k_shot + n_query = 1 + 4 = 5",
         "class 'c' has 0 clips, fewer than k_shot + n_query = 1 + 4 = 5",
     ]

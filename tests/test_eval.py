@@ -271,6 +271,7 @@ def test_feature_cache_key_covers_encoder_data_and_views(tmp_path, episode_datas
         "mask_ratio": 0.75,
         "mask_seed": 1,
         "precision": "bf16-mixed",
+        "per_frame": True,
     }
     keys = {name: feature_cache_key(**{**base, name: value})[0] for name, value in changes.items()}
     assert key not in keys.values() and len(set(keys.values())) == len(keys)
@@ -279,7 +280,7 @@ def test_feature_cache_key_covers_encoder_data_and_views(tmp_path, episode_datas
 
     cache = FeatureCache(tmp_path / "cache")
     assert cache.load(key, info) is None
-    features = torch.randn(3, 1, 8)
+    features = torch.randn(3, 1, 1, 8)
     cache.save(key, info, features, ["a", "b", "c"])
     assert torch.equal(cache.load(key, info), features)
     assert cache.load(key, {**info, "views": 2}) is None, "a file of other settings is a miss"
@@ -336,7 +337,7 @@ def test_masked_views_are_deterministic_and_independent_of_batch_size(first_run,
     assert a["per_episode"] == b["per_episode"]
     assert len(cache_files[0]) == len(cache_files[1]) == 1
     fa, fb = (torch.load(f[0], weights_only=True)["features"] for f in cache_files)
-    assert fa.shape == (30, 2, 32) and torch.equal(fa, fb), "features depend on the batch size"
+    assert fa.shape == (30, 2, 1, 32) and torch.equal(fa, fb), "features depend on the batch size"
     assert not torch.equal(fa[:, 0], fa[:, 1]), "the two views use different masks"
     assert Path(a["features_cache"]).name != Path(results(first)["features_cache"]).name, "other views: another key"
 
@@ -409,7 +410,7 @@ def test_missing_or_foreign_encoder_fails_fast(tmp_path, episode_dataset):
 
 
 def test_dataset_without_the_encoders_modality_fails_fast(tmp_path, episode_dataset, tiny_encoder):
-    from mmfsar.data.errors import DataError
+    from mmfsar.errors import DataError
 
     data = tmp_path / "no_rgb"
     data.mkdir()
@@ -421,7 +422,7 @@ def test_dataset_without_the_encoders_modality_fails_fast(tmp_path, episode_data
 
 
 def test_impossible_episodes_fail_fast(tmp_path, episode_dataset, tiny_encoder):
-    from mmfsar.data.errors import DataError
+    from mmfsar.errors import DataError
 
     common_args = [f"encoder={tiny_encoder}", "data=folder", f"data.root={episode_dataset}"]
     fails([*common_args, "fewshot.n_way=6", "fewshot.n_query=5"], tmp_path / "a", DataError, "n_way=6 but the split has only 5 classes")
@@ -430,7 +431,7 @@ def test_impossible_episodes_fail_fast(tmp_path, episode_dataset, tiny_encoder):
 
 
 def test_masked_views_need_a_token_encoder():
-    from mmfsar.fewshot.engine import masking_grid
+    from mmfsar.models.base import masking_grid
 
     with pytest.raises(ValueError, match="cannot drop tokens"):
         masking_grid(torch.nn.Linear(2, 2))

@@ -245,8 +245,8 @@ def test_exported_modalities_feed_encoders_as_trained(tmp_path):
     """The stored modality settings of an export win; a configured modality that reads clips
     differently is an error naming the key, while ``encoder_args`` (how a new encoder would be
     shaped; the export has its own) may differ."""
-    from mmfsar.data.errors import DataError
-    from mmfsar.tasks.fusion import exported_modalities
+    from mmfsar.errors import ConfigError
+    from mmfsar.models.base import exported_modalities
 
     stored = {"_target_": "mmfsar.data.modalities.RGB", "size": 64, "encoder_args": {"widths": [16, 32]}}
     encoder = ModalityEncoder(modality="rgb", backbone=TinyBackbone(dim=8))
@@ -256,5 +256,5 @@ def test_exported_modalities_feed_encoders_as_trained(tmp_path):
 
     same_reading = {"rgb": {**stored, "encoder_args": {}}, "flow": {"size": 32}}
     assert exported_modalities({"rgb": str(path)}, same_reading) == {"rgb": stored, "flow": {"size": 32}}
-    with pytest.raises(DataError, match=r"modality 'rgb'.*\['size'\]"):
+    with pytest.raises(ConfigError, match=r"modality 'rgb'.*\['size'\]"):
         exported_modalities({"rgb": str(path)}, {"rgb": {**stored, "size": 32}})

@@ -1,17 +1,20 @@
-"""The cosine head, and the per-clip output cache that fusion training and cached distillation
-read frozen encoders' outputs from."""
+"""The cosine head, and the frozen-output cache that fusion training and distillation read frozen
+models' outputs from (``cache=frozen``)."""
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch import nn
 
+from mmfsar.data.datamodules import PretrainDataModule
+from mmfsar.errors import ConfigError
 from mmfsar.models.base import EncoderOutput
 from mmfsar.models.heads import CosineClassifier
-from mmfsar.tasks.common import OutputCache, concat_outputs
+from mmfsar.tasks.frozen_cache import FrozenOutputCache
 
 
 def test_cosine_head_is_scaled_cosine_similarity():
@@ -25,56 +28,47 @@ def test_cosine_head_is_scaled_cosine_similarity():
     torch.testing.assert_close(head(torch.tensor([[300.0, 0.0]])), logits[:1])
 
 
-class Clips(Dataset):
-    def __init__(self, n: int) -> None:
-        self.x = torch.arange(n, dtype=torch.float32)[:, None]
+class MeanEncoder(nn.Module):
+    """A frozen clip "model" whose outputs are easy to recompute: per-frame channel means."""
 
-    def __len__(self) -> int:
-        return len(self.x)
+    modalities = ["rgb"]
 
-    def __getitem__(self, i: int) -> dict:
-        return {"index": i, "rgb": self.x[i]}
-
-
-def test_output_cache_looks_up_each_clip_of_each_pass():
-    calls = []
-
-    def encode(inputs):
-        calls.append(1)
-        x = inputs["rgb"]
-        shift = 100.0 * (len(calls) > 2)  # the second pass (batches 3-4) sees "another view"
-        return {"t": EncoderOutput(pooled=x + shift, frames=(x + shift)[:, None].repeat(1, 2, 1), logits=-x)}
-
-    loader = DataLoader(Clips(7), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
-    cache = OutputCache.build(encode, [loader, loader], ["rgb"], torch.device("cpu"))["t"]
-    assert cache.passes == 2 and cache.pooled.shape == (2, 7, 1) and cache.frames.shape == (2, 7, 2, 1)
-    index = torch.tensor([6, 0, 3])
-    first = cache.lookup(index, passes=torch.zeros(3, dtype=torch.long))
-    torch.testing.assert_close(first.pooled[:, 0], torch.tensor([6.0, 0.0, 3.0]))
-    torch.testing.assert_close(first.logits[:, 0], torch.tensor([-6.0, 0.0, -3.0]))
-    second = cache.lookup(index, passes=torch.ones(3, dtype=torch.long))
-    torch.testing.assert_close(second.pooled[:, 0], torch.tensor([106.0, 100.0, 103.0]))
-    # random passes: every value is one of the clip's two views
-    picked = cache.lookup(torch.arange(7).repeat(20)).pooled[:, 0]
-    clip = torch.arange(7).repeat(20).float()
-    assert torch.all((picked == clip) | (picked == clip + 100))
-    assert (picked == clip).any() and (picked != clip).any()
+    def forward(self, inputs: dict) -> EncoderOutput:
+        frames = inputs["rgb"].mean((3, 4)).transpose(1, 2)  # (B, T, C)
+        return EncoderOutput(pooled=frames.mean(1), frames=frames, logits=frames.sum((1, 2))[:, None])
 
 
-def test_output_cache_refuses_an_incomplete_pass():
-    class Dropping(Clips):
-        def __len__(self) -> int:
-            return 5
+@pytest.mark.parametrize("views", [0, 3])
+def test_frozen_cache_gives_each_training_clip_the_output_of_its_own_view(tiny_dataset, make_modalities, views):
+    dm = PretrainDataModule(
+        root=tiny_dataset,
+        modalities=make_modalities("rgb", "flow"),
+        unlabelled_target=True,
+        val_episodes={"n_way": 2, "k_shot": 1, "n_query": 2, "episodes": 2},
+        batch_size=4,
+        num_workers=0,
+    )
+    dm.setup("fit")
+    cache = FrozenOutputCache(views=views, seed=5)
+    cache.build({"t": MeanEncoder()}, dm, torch.device("cpu"))
+    assert cache.tables["source"]["t"].pooled.shape == (max(1, views), len(dm.train_sets["source"]), 3)
+    dm.configure_training(views=views, seed=5, modalities=["rgb"])
+    for key, loader in dm.train_dataloader().items():
+        for batch in loader:
+            assert "flow" not in batch, "only the trained part's streams are loaded"
+            looked_up = cache.lookup(key, batch, torch.device("cpu"))["t"]
+            if views:  # the same view as the batch's: exactly the frozen model's output on it
+                torch.testing.assert_close(looked_up.frames, MeanEncoder()(batch).frames, atol=1e-5, rtol=0)
+            assert looked_up.logits.shape == (len(batch["index"]), 1)
 
-    loader = DataLoader(Dropping(5), batch_size=2, drop_last=True)
-    encode = lambda inputs: {"t": EncoderOutput(pooled=inputs["rgb"], frames=inputs["rgb"][:, None])}  # noqa: E731
-    with pytest.raises(RuntimeError, match="4 of 5 clips encoded"):
-        OutputCache.build(encode, [loader], ["rgb"], torch.device("cpu"))
 
-
-def test_concat_outputs_keeps_missing_fields_missing():
-    a = EncoderOutput(pooled=torch.zeros(2, 3), frames=torch.zeros(2, 1, 3))
-    b = EncoderOutput(pooled=torch.ones(1, 3), frames=torch.ones(1, 1, 3))
-    out = concat_outputs([a, b], torch.device("cpu"))
-    assert out.pooled.shape == (3, 3) and out.logits is None
-    assert out.pooled[2].eq(1).all()
+def test_frozen_cache_refuses_modules_it_cannot_serve():
+    cache = FrozenOutputCache(views=2)
+    trainer = SimpleNamespace(datamodule=None)
+    with pytest.raises(ConfigError, match="has no frozen models"):
+        cache.on_fit_start(trainer, SimpleNamespace(frozen_models=lambda: {}))
+    masked = SimpleNamespace(frozen_models=lambda: {"t": MeanEncoder()}, mask_ratio=0.75)
+    with pytest.raises(ConfigError, match="mask_ratio=0"):
+        cache.on_fit_start(trainer, masked)
+    with pytest.raises(ConfigError, match="cache.views must be >= 0"):
+        FrozenOutputCache(views=-1)

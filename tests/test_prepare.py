@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 from mmfsar.data.meta import ClassInfo, ClipRecord, DatasetFolder, DatasetMeta, read_annotations, write_annotations
 from mmfsar.data.readers import FrameReader, VideoFileReader
 from mmfsar.prepare.cli import main

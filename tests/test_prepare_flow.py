@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 from mmfsar.data.meta import ClassInfo, ClipRecord, DatasetFolder, DatasetMeta, write_annotations
 from mmfsar.data.readers import FrameReader
 from mmfsar.prepare import flow as flow_mod

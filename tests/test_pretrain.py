@@ -129,7 +129,15 @@ def test_resume_from_last_ckpt_continues_the_step_count(mm_cdfsl_pretrained, epi
     assert after["global_step"] == before["global_step"] + 2 and after["epoch"] == 1
     adam_steps = {float(s["step"]) for s in after["optimizer_states"][0]["state"].values()}
     assert adam_steps == {4.0}, "the optimiser state was not restored from last.ckpt"
-    assert after["lr_schedulers"][0]["last_epoch"] == 4
+    schedule = after["lr_schedulers"][0]  # timm's cosine schedule, stepped by the global step
+    assert schedule == {**before["lr_schedulers"][0], **{k: v for k, v in schedule.items() if k == "metric"}}
+    from timm.scheduler import CosineLRScheduler
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    replay = CosineLRScheduler(optimizer, t_initial=1)
+    replay.load_state_dict(schedule)
+    lrs = {g["lr"] for g in after["optimizer_states"][0]["param_groups"]}
+    assert len(lrs) == 1 and lrs.pop() == pytest.approx(replay._get_lr(4)[0]), "the lr is the schedule's value at step 4"
     assert set(csv_metric(out, "epoch")) == {1.0}, "the resumed run trained epoch 0 again"
     changed = [k for k, v in after["state_dict"].items() if not torch.equal(v, before["state_dict"][k])]
     assert changed, "resuming did not train"

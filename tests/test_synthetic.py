@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 from mmfsar.data.meta import DatasetFolder
 from mmfsar.data.synthetic import SyntheticConfig, ensure_synthetic, generate
 from mmfsar.data.synthetic.actions import ACTIONS, JOINTS, SPLIT_OF_ACTION

@@ -92,7 +92,8 @@ def test_without_decoding_only_existence_and_lengths_are_checked(tiny_dataset_co
 def test_episode_problems_are_checked_for_val_and_novel_of_every_domain(tiny_dataset, make_modalities):
     report = validate(tiny_dataset, make_modalities, names=("pose",), episodes=EpisodeSettings(n_way=3, k_shot=2, n_query=2))
     expected = [
-        f"{split} classes, domain {domain!r}: fewshot.n_way=3 but the split has only 2 classes"
+        f"{split} classes, domain {domain!r}: fewshot.n_way=3 but the split has only 0 classes with at least "
+        "fewshot.k_shot + fewshot.n_query = 4 clips (2 classes in all)"
         for split in ("val", "novel")
         for domain in ("source", "target")
     ] + [

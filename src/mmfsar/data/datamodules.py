@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from mmfsar.data.dataset import ClipDataset, ClipViews
 from mmfsar.data.episodes import EpisodeSampler, EpisodeSet, EpisodeSettings
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 from mmfsar.data.meta import ANNOTATION_FILE, ClipRecord, DatasetFolder
 from mmfsar.data.modalities import Modality
 from mmfsar.data.transforms import ClipAugmentation, UniformSegments
@@ -109,6 +109,11 @@ class ClipDataModule(L.LightningDataModule):
         self._open()
         return {k: m.channels for k, m in self.modalities.items()}
 
+    def encoder_inputs(self, modality: str) -> dict[str, Any]:
+        """Keyword arguments a new encoder of ``modality`` needs to read this data's clips."""
+        self._open()
+        return {"num_frames": self.frames.num_frames, **self.modalities[modality].encoder_inputs()}
+
     def _dataset(self, records: list[ClipRecord], *, train: bool, labels: Mapping[str, int] | None) -> ClipDataset:
         problems = missing_files(records, self.modalities)
         if problems:
@@ -134,11 +139,20 @@ class ClipDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
-    def _episodes(self, records: list[ClipRecord], settings: EpisodeSettings, what: str) -> EpisodeSet:
+    def _episodes(self, records: list[ClipRecord], settings: EpisodeSettings, split: str, domain: str, key: str) -> EpisodeSet:
+        """The episode set over ``records`` (the clips of ``split`` in ``domain``); errors name the
+        classes at fault and the config node ``key`` of the settings."""
         try:
-            return EpisodeSampler([r.clip_id for r in records], [r.label_name for r in records], settings).sample()
+            sampler = EpisodeSampler(
+                [r.clip_id for r in records],
+                [r.label_name for r in records],
+                settings,
+                classes=self.folder.meta.classes_of(split),
+                key=key,
+            )
         except DataError as exc:
-            raise DataError(f"{what} ({self.root}): {exc}") from None
+            raise DataError(f"{split} episodes, domain {domain!r} ({self.root}): {exc}") from None
+        return sampler.sample()
 
 
 class TrainingDataModule(ClipDataModule):
@@ -194,7 +208,7 @@ class TrainingDataModule(ClipDataModule):
                 raise DataError(f"{self.root}: no base-class clips in domain {self.target_domain!r}")
             self.train_sets["target"] = self._dataset(recs, train=True, labels=None)
         val = folder.select(splits=["val"], domains=[self.val_domain])
-        self.val_episodes = self._episodes(val, self.val_settings, "validation episodes (val classes)")
+        self.val_episodes = self._episodes(val, self.val_settings, "val", self.val_domain, "data.val_episodes")
         self.val_set = self._dataset(val, train=False, labels={c: i for i, c in enumerate(folder.meta.classes_of("val"))})
         log.info(
             "training clips: %s; validation: %d clips of %d val classes, %d episodes",
@@ -204,28 +218,32 @@ class TrainingDataModule(ClipDataModule):
             len(self.val_episodes),
         )
 
-    def training_clips(self, key: str, modalities: list[str], *, augment: bool) -> DataLoader:
+    def frozen_loader(self, key: str, modalities: list[str], *, views: int, seed: int) -> DataLoader:
         """The training clips of ``key`` ("source" / "target") with the given modalities, in
-        dataset order, augmented or not: for computing per-clip outputs of frozen models once."""
-        return self._loader(self._training_subset(key, modalities, train=augment), train=False)
-
-    def training_views(self, key: str, modalities: list[str]) -> DataLoader:
-        """Every fixed view (:meth:`fix_training_views`) of every training clip of ``key``, with
-        the given modalities, a clip's views together (each stream read once for all of them):
-        batches of ``{modality, "index", "view"}``, for encoding every view once."""
+        dataset order, for encoding them once with frozen models: each clip's deterministic
+        evaluation view (``views=0``), or every one of its ``views`` seeded augmented views, a
+        clip's views together (each stream read once for all of them), batches carrying ``"view"``."""
         ds = self.train_sets[key]
-        if not ds.views:
-            raise DataError(f"training views ({key}): fix_training_views was not called")
-        views = ClipViews(self._training_subset(key, modalities, train=True))
+        if not views:
+            return self._loader(self._subset(ds, modalities, train=False), train=False)
+        clip_views = ClipViews(self._subset(ds, modalities, train=True, views=views, seed=seed))
         return DataLoader(
-            views,
-            batch_size=max(1, self.eval_batch_size // ds.views),
+            clip_views,
+            batch_size=max(1, self.eval_batch_size // views),
             collate_fn=ClipViews.collate,
             num_workers=self.num_workers,
         )
 
-    def _training_subset(self, key: str, modalities: list[str], *, train: bool) -> ClipDataset:
-        ds = self.train_sets[key]
+    def configure_training(self, *, views: int, seed: int, modalities: list[str]) -> None:
+        """From now on, training batches carry only ``modalities`` (the others come from a cache)
+        and, with ``views > 0``, each clip is drawn from its ``views`` fixed seeded views (the
+        batch says which in ``"view"``). The training sets change in place: Lightning may have
+        built the training loaders already (to count the steps of the lr schedule)."""
+        for ds in self.train_sets.values():
+            ds.modalities = {m: self.modalities[m] for m in modalities}
+            ds.views, ds.view_seed = views, seed
+
+    def _subset(self, ds: ClipDataset, modalities: list[str], *, train: bool, views: int = 0, seed: int = 0) -> ClipDataset:
         return ClipDataset(
             ds.records,
             {m: self.modalities[m] for m in modalities},
@@ -234,22 +252,9 @@ class TrainingDataModule(ClipDataModule):
             labels=ds.labels,
             augmentation=self.augmentation,
             aspect=ds.aspect,
-            views=ds.views if train else 0,
-            view_seed=ds.view_seed,
+            views=views,
+            view_seed=seed,
         )
-
-    def fix_training_views(self, views: int, seed: int) -> None:
-        """Draw every training clip from ``views`` fixed augmented views from now on (each seeded
-        by ``seed``, the clip and its number); batches then carry each clip's ``"view"``."""
-        if views < 1:
-            raise DataError(f"fix_training_views: views must be >= 1, got {views}")
-        for ds in self.train_sets.values():
-            ds.views, ds.view_seed = views, seed
-
-    def keep_training_modalities(self, modalities: list[str]) -> None:
-        """Load only these modalities for training from now on (e.g. once teacher outputs are cached)."""
-        for ds in self.train_sets.values():
-            ds.modalities = {m: ds.modalities[m] for m in modalities}
 
     def train_dataloader(self) -> dict[str, DataLoader]:
         return {k: self._loader(ds, train=True) for k, ds in self.train_sets.items()}
@@ -306,7 +311,7 @@ class FewShotDataModule(ClipDataModule):
             self.episodes = EpisodeSet.load(self.episode_file)
             self.episodes.check_clips([r.clip_id for r in recs])
         else:
-            self.episodes = self._episodes(recs, self.settings, f"{self.split} episodes, domain {self.domain}")
+            self.episodes = self._episodes(recs, self.settings, self.split, self.domain, "fewshot")
         wanted = set(self.episodes.clip_ids)
         recs = [r for r in recs if r.clip_id in wanted]
         labels = {c: i for i, c in enumerate(folder.meta.classes_of(self.split))}
@@ -314,6 +319,3 @@ class FewShotDataModule(ClipDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.clips, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()

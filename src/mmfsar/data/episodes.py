@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 
 EPISODE_FORMAT = 1
 
@@ -31,10 +31,11 @@ class EpisodeSettings:
     episodes: int = 600
     seed: int = 0
 
-    def check(self) -> None:
-        for key in ("n_way", "k_shot", "n_query", "episodes"):
-            if getattr(self, key) < 1:
-                raise DataError(f"fewshot.{key} must be >= 1, got {getattr(self, key)}")
+    def check(self, key: str = "fewshot") -> None:
+        """``key``: the config node these settings come from, named in the error."""
+        for name in ("n_way", "k_shot", "n_query", "episodes"):
+            if getattr(self, name) < 1:
+                raise DataError(f"{key}.{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def name(self) -> str:
@@ -150,11 +151,21 @@ class EpisodeSampler:
 
     Classes are sorted by name and clips by id before drawing, so the episodes depend only on
     the set of (clip id, class) pairs. Raises, naming the classes, when a class has fewer than
-    ``k_shot + n_query`` clips or ``n_way`` exceeds the number of classes.
+    ``k_shot + n_query`` clips or ``n_way`` exceeds the number of classes. ``classes``: every
+    class the split should have (those without any clip are reported too); ``key``: the config
+    node of the settings, named in the errors (``fewshot``, ``data.val_episodes``).
     """
 
-    def __init__(self, clip_ids: Sequence[str], class_of_clip: Sequence[str], settings: EpisodeSettings) -> None:
-        settings.check()
+    def __init__(
+        self,
+        clip_ids: Sequence[str],
+        class_of_clip: Sequence[str],
+        settings: EpisodeSettings,
+        *,
+        classes: Sequence[str] = (),
+        key: str = "fewshot",
+    ) -> None:
+        settings.check(key)
         if len(clip_ids) != len(class_of_clip):
             raise ValueError("clip_ids and class_of_clip differ in length")
         self.settings = settings
@@ -165,9 +176,8 @@ class EpisodeSampler:
             by_class[class_of_clip[i]].append(pos)
         self.class_names = sorted(by_class)
         self.members = [np.array(by_class[c]) for c in self.class_names]
-        problems = episode_problems(
-            {c: len(m) for c, m in zip(self.class_names, self.members)}, settings
-        )
+        counts = {c: 0 for c in classes} | {c: len(m) for c, m in zip(self.class_names, self.members)}
+        problems = episode_problems(counts, settings, key)
         if problems:
             raise DataError("cannot draw episodes:\n" + "\n".join(problems))
 
@@ -190,12 +200,15 @@ class EpisodeSampler:
         )
 
 
-def episode_problems(clips_per_class: dict[str, int], settings: EpisodeSettings) -> list[str]:
-    """Why these classes cannot give the requested episodes (empty if they can)."""
+def episode_problems(clips_per_class: dict[str, int], settings: EpisodeSettings, key: str = "fewshot") -> list[str]:
+    """Why these classes cannot give the requested episodes (empty if they can); ``key`` is the
+    config node of the settings."""
     problems = []
-    if settings.n_way > len(clips_per_class):
+    usable = sum(n >= settings.k_shot + settings.n_query for n in clips_per_class.values())
+    if settings.n_way > usable:
         problems.append(
-            f"fewshot.n_way={settings.n_way} but the split has only {len(clips_per_class)} classes"
+            f"{key}.n_way={settings.n_way} but the split has only {usable} classes with at least "
+            f"{key}.k_shot + {key}.n_query = {settings.k_shot + settings.n_query} clips ({len(clips_per_class)} classes in all)"
         )
     need = settings.k_shot + settings.n_query
     for name, n in sorted(clips_per_class.items()):

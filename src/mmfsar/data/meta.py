@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 
 META_FILE = "meta.json"
 ANNOTATION_FILE = "annotations.csv"

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 from mmfsar.data.meta import ClipRecord, DatasetFolder, DatasetMeta
 from mmfsar.data.readers import FrameReader
 from mmfsar.data.transforms import SpatialParams, crop_resize, gaussian_heatmaps, transform_keypoints

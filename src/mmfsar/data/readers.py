@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 
 
 class FrameReader(ABC):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from typing import Mapping, Sequence
 from tqdm.auto import tqdm
 
 from mmfsar.data.episodes import EpisodeSettings, episode_problems
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 from mmfsar.data.meta import ANNOTATION_FILE, DatasetFolder, DatasetMeta, check_records, parse_annotations
 from mmfsar.data.modalities import Modality
 from mmfsar.data.transforms import UniformSegments

@@ -8,21 +8,18 @@ summarises the per-episode accuracies as ``mean ± 95% CI`` in percent.
 
 from mmfsar.fewshot.classifiers import (
     EpisodeClassifier,
-    EpisodeHead,
     FinetuneLinearClassifier,
     LinearHead,
     LogisticRegressionClassifier,
     PrototypeClassifier,
     check_episode_inputs,
-    episode_probabilities,
     logistic_objective,
-    solve_episodes,
 )
+from mmfsar.fewshot.engine import episode_probabilities, solve_episodes
 from mmfsar.fewshot.stats import format_mean_ci, mean_confidence_interval
 
 __all__ = [
     "EpisodeClassifier",
-    "EpisodeHead",
     "FinetuneLinearClassifier",
     "LinearHead",
     "LogisticRegressionClassifier",

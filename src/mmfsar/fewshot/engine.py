@@ -1,10 +1,16 @@
 """Encode once, then solve episodes.
 
 A clip's features do not depend on the episode, so evaluation (and validation during training)
-encodes every clip of the split once, into a :class:`FeatureBank`, and solves all episodes on
-the bank. Under DDP each rank encodes its share of the clips; the banks are gathered, each rank
-solves its share of the episodes (e = rank, rank + W, ...), and the accuracies are gathered, so
-the numbers are the same for any number of processes.
+encodes every clip of the split once, into a :class:`FeatureBank`, and solves all episodes on the
+bank with one few-shot classifier (:func:`solve_episodes`). Under DDP each rank encodes its share
+of the clips; the banks are gathered, each rank solves its share of the episodes (e = rank,
+rank + W, ...), and the accuracies are gathered, so the numbers are the same for any number of
+processes.
+
+A bank holds ``(clips, views, time, dim)`` features: pooled clip features (time = 1), or per-frame
+features for classifiers that compare clips frame by frame (``uses_frames``). Per clip that is
+``views · time · dim · 4`` bytes: 0.5 KiB for one pooled 128-d view, 16 KiB for 8 frames of 512-d
+(ResNet-18), 64 KiB for 8 frames of 2048-d (ResNet-50).
 
 Masked views (MM-CDFSL's ensemble masked inference) draw each clip's tube masks from
 ``(seed, clip position, view)`` alone (:func:`view_masks`), so features do not depend on the
@@ -22,36 +28,32 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mmfsar.data.episodes import EpisodeSet
-from mmfsar.models.base import plain_config
+from mmfsar.models.base import masking_grid, plain_config
 
 
 class FeatureBank:
-    """Features ``(num_clips, views, dim)`` of every clip of a split, filled batch by batch."""
+    """Features ``(num_clips, views, time, dim)`` of every clip of a split, filled batch by batch."""
 
     def __init__(self, num_clips: int, views: int = 1) -> None:
         self.num_clips = num_clips
         self.views = views
-        self.features: torch.Tensor | None = None
+        self.features: Tensor | None = None
         self.filled = torch.zeros(num_clips, dtype=torch.bool)
 
-    def add(self, index: torch.Tensor, features: torch.Tensor) -> None:
-        """``features``: (B, views, D) of the clips at dataset positions ``index`` (B,)."""
-        if features.ndim != 3 or features.shape[1] != self.views:
-            raise ValueError(f"expected features (B, {self.views}, D), got {tuple(features.shape)}")
+    def add(self, index: Tensor, features: Tensor) -> None:
+        """``features``: (B, views, time, D) of the clips at dataset positions ``index`` (B,)."""
+        if features.ndim != 4 or features.shape[1] != self.views:
+            raise ValueError(f"expected features (B, {self.views}, time, D), got {tuple(features.shape)}")
         if self.features is None:
-            self.features = torch.zeros(self.num_clips, self.views, features.shape[-1], device=features.device)
+            self.features = features.new_zeros(self.num_clips, *features.shape[1:], dtype=torch.float32)
             self.filled = self.filled.to(features.device)
         self.features[index] = features.detach().float()
         self.filled[index] = True
 
-    @property
-    def complete(self) -> bool:
-        return self.features is not None and bool(self.filled.all())
-
-    def gather(self, all_gather: Callable[[torch.Tensor], torch.Tensor], world_size: int) -> torch.Tensor:
+    def gather(self, all_gather: Callable[[Tensor], Tensor], world_size: int) -> Tensor:
         """All clips' features on every rank (``all_gather`` = ``LightningModule.all_gather``).
 
         Clips encoded by several ranks (a distributed sampler pads the last batch with repeats)
@@ -60,10 +62,10 @@ class FeatureBank:
         if self.features is None:
             raise RuntimeError("no features were added to the bank")
         if world_size > 1:
-            feats = all_gather(self.features)  # (W, N, V, D)
+            feats = all_gather(self.features)  # (W, N, V, T, D)
             filled = all_gather(self.filled.to(feats.dtype))  # (W, N)
             count = filled.sum(0)
-            merged = (feats * filled[..., None, None]).sum(0) / count.clamp(min=1)[:, None, None]
+            merged = (feats * filled[..., None, None, None]).sum(0) / count.clamp(min=1)[:, None, None, None]
             missing = int((count == 0).sum())
         else:
             merged, missing = self.features, int((~self.filled).sum())
@@ -72,14 +74,12 @@ class FeatureBank:
         return merged
 
 
-def episode_positions(episodes: EpisodeSet, clip_ids: list[str]) -> torch.Tensor:
+def episode_positions(episodes: EpisodeSet, clip_ids: list[str]) -> Tensor:
     """The episode tensor (E, N, K+Q) re-expressed as positions in ``clip_ids`` (a dataset's order)."""
     return episodes.check_clips(clip_ids)[episodes.tensor]
 
 
-def view_masks(
-    index: torch.Tensor, grid: tuple[int, int, int], ratio: float, view: int, seed: int, device: torch.device
-) -> torch.Tensor:
+def view_masks(index: Tensor, grid: tuple[int, int, int], ratio: float, view: int, seed: int, device: torch.device) -> Tensor:
     """Tube masks (B, N) that depend only on (seed, clip position, view), never on the batch,
     so masked views are identical whatever the batch size or number of processes."""
     from mmfsar.models.encoders.vit import tube_mask
@@ -92,50 +92,114 @@ def view_masks(
     return torch.cat(masks).to(device)
 
 
-def masking_grid(encoder: nn.Module) -> tuple[int, int, int]:
-    """The token grid of a clip encoder whose backbone can drop tokens (ViT), else a clear error."""
-    backbone = getattr(encoder, "backbone", None)
-    if backbone is None or not getattr(backbone, "supports_masking", False):
-        raise ValueError(
-            "masked views (fewshot.mask_ratio > 0) need a single-modality token encoder (VideoViT); "
-            f"{type(encoder).__name__} cannot drop tokens"
-        )
-    return tuple(backbone.grid)
-
-
 @torch.no_grad()
 def encode_views(
     encoder: nn.Module,
-    inputs: dict[str, torch.Tensor],
-    index: torch.Tensor,
+    inputs: dict[str, Tensor],
+    index: Tensor,
     *,
     views: int = 1,
     mask_ratio: float = 0.0,
     seed: int = 0,
-) -> torch.Tensor:
-    """(B, views, D) pooled features: one unmasked view, or ``views`` masked views (MM-CDFSL's
-    ensemble masked inference; support clips then use view 0, queries average over views)."""
+    frames: bool = False,
+) -> Tensor:
+    """(B, views, time, D) features: one unmasked view, or ``views`` masked views (MM-CDFSL's
+    ensemble masked inference); pooled clip features (time = 1) or, with ``frames``, per-frame ones."""
+
+    def features(**kwargs: Any) -> Tensor:
+        out = encoder(inputs, **kwargs)
+        return out.frames if frames else out.pooled[:, None]
+
     if mask_ratio <= 0:
         if views != 1:
             raise ValueError("fewshot.views > 1 needs fewshot.mask_ratio > 0 (unmasked views are identical)")
-        return encoder(inputs).pooled[:, None]
+        return features()[:, None]
     grid = masking_grid(encoder)
     device = next(iter(inputs.values())).device
-    out = [encoder(inputs, mask=view_masks(index, grid, mask_ratio, v, seed, device)).pooled for v in range(views)]
-    return torch.stack(out, 1)
+    return torch.stack([features(mask=view_masks(index, grid, mask_ratio, v, seed, device)) for v in range(views)], 1)
+
+
+def _check_bank(features: Tensor, episodes: Tensor, k_shot: int) -> None:
+    if features.dim() != 4 or not features.is_floating_point():
+        raise ValueError(f"features must be a float tensor (clips, views, time, dim), got {features.dtype} {tuple(features.shape)}")
+    if episodes.dim() != 3 or episodes.is_floating_point() or episodes.dtype == torch.bool:
+        raise ValueError(f"episodes must be integer clip positions (episodes, n_way, k_shot + n_query), got {episodes.dtype} {tuple(episodes.shape)}")
+    if isinstance(k_shot, bool) or not isinstance(k_shot, int) or not 1 <= k_shot < episodes.shape[2]:
+        raise ValueError(
+            f"k_shot={k_shot!r} must be an integer in [1, {episodes.shape[2] - 1}] for episodes with "
+            f"{episodes.shape[2]} clips per way (k_shot support + at least one query)"
+        )
+    if episodes.numel() and (int(episodes.min()) < 0 or int(episodes.max()) >= features.shape[0]):
+        raise ValueError(
+            f"episodes refer to clip positions in [{int(episodes.min())}, {int(episodes.max())}] "
+            f"but the feature cache has {features.shape[0]} clips"
+        )
+    if not torch.isfinite(features.sum()) and not bool(torch.isfinite(features).all()):
+        raise ValueError("features contain NaN or inf")
+
+
+def episode_probabilities(
+    classifier: nn.Module,
+    features: Tensor,
+    episodes: Tensor,
+    k_shot: int,
+    *,
+    chunk: int = 1000,
+    progress: Callable[[int], None] | None = None,
+) -> Tensor:
+    """Class probabilities of every query of every episode, averaged over query views.
+
+    features: (clips, views, time, D), indexed by the clip positions of ``episodes`` (E, N, K + Q)
+    (``EpisodeSet.tensor``: per way, K support clips then Q queries; a query's label is its way).
+    The support uses view 0 and each query the average of the class probabilities of its views
+    (MM-CDFSL's ensemble masked inference). ``chunk`` episodes are solved per call of the
+    classifier (memory); ``progress`` is called with the number of episodes done after each.
+    Returns (E, N, Q, N): episode, way of the query, query within the way, class probabilities.
+    """
+    _check_bank(features, episodes, k_shot)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    episodes = episodes.to(features.device)
+    total, n_way, per_way = episodes.shape
+    n_query, (_, views, time, dim) = per_way - k_shot, features.shape
+    support_bank = features[:, 0]
+    out = features.new_empty(total, n_way, n_query, n_way)
+    with torch.no_grad():
+        for start in range(0, total, chunk):
+            block = episodes[start : start + chunk]
+            e = block.shape[0]
+            support = support_bank.index_select(0, block[:, :, :k_shot].reshape(-1)).view(e, n_way, k_shot, time, dim)
+            query = features.index_select(0, block[:, :, k_shot:].reshape(-1)).view(e, -1, time, dim)
+            probs = torch.softmax(classifier(support, query).float(), -1)
+            out[start : start + e] = probs.view(e, n_way, n_query, views, n_way).mean(3)
+            if progress is not None:
+                progress(e)
+    return out
+
+
+def solve_episodes(
+    classifier: nn.Module,
+    features: Tensor,
+    episodes: Tensor,
+    k_shot: int,
+    *,
+    chunk: int = 1000,
+    progress: Callable[[int], None] | None = None,
+) -> Tensor:
+    """Per-episode accuracy (E,) in [0, 1]; the arguments of :func:`episode_probabilities`."""
+    probs = episode_probabilities(classifier, features, episodes, k_shot, chunk=chunk, progress=progress)
+    truth = torch.arange(episodes.shape[1], device=probs.device).view(1, -1, 1)
+    return (probs.argmax(-1) == truth).float().mean((1, 2))
 
 
 # --------------------------------------------------------------------------- on-disk feature cache
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def feature_cache_key(
@@ -148,6 +212,7 @@ def feature_cache_key(
     views: int,
     mask_ratio: float,
     mask_seed: int,
+    per_frame: bool = False,
     precision: str = "32-true",
     annotation_file: str = "annotations.csv",
     encoder_sha256: str | None = None,
@@ -158,8 +223,9 @@ def feature_cache_key(
     the configs that rebuild it), the dataset (its resolved path and the content of its
     ``meta.json`` and annotation file, so a regenerated dataset misses), the encoded clips in
     order, the modality and frame-sampling configs, the views / mask ratio / mask seed of masked
-    ensemble inference, and the numeric precision of the encoder pass. The frames of the clips
-    themselves are not hashed: edit them in place and the cache must be deleted by hand.
+    ensemble inference, pooled or per-frame features, and the numeric precision of the encoder
+    pass. The frames of the clips themselves are not hashed: edit them in place and the cache
+    must be deleted by hand.
     """
     root = Path(dataset_root).resolve()
     info = {
@@ -175,6 +241,7 @@ def feature_cache_key(
         "views": int(views),
         "mask_ratio": float(mask_ratio),
         "mask_seed": int(mask_seed),
+        "per_frame": bool(per_frame),
         "precision": str(precision),
     }
     blob = json.dumps(info, sort_keys=True, separators=(",", ":")).encode()
@@ -184,7 +251,7 @@ def feature_cache_key(
 class FeatureCache:
     """Encoded features on disk, one file per :func:`feature_cache_key`: ``features_<key>.pt``.
 
-    A file holds the features (num_clips, views, D) float32, the clip ids and the key's
+    A file holds the features (num_clips, views, time, D) float32, the clip ids and the key's
     description, and is read with ``torch.load(weights_only=True)``; a file whose description or
     shape does not match is ignored (and overwritten by the next save). Writes are atomic.
     """
@@ -195,7 +262,7 @@ class FeatureCache:
     def path(self, key: str) -> Path:
         return self.directory / f"features_{key}.pt"
 
-    def load(self, key: str, info: Mapping[str, Any]) -> torch.Tensor | None:
+    def load(self, key: str, info: Mapping[str, Any]) -> Tensor | None:
         path = self.path(key)
         if not path.is_file():
             return None
@@ -206,14 +273,14 @@ class FeatureCache:
         features = payload.get("features") if isinstance(payload, dict) else None
         if (
             payload.get("info") != dict(info)
-            or not isinstance(features, torch.Tensor)
-            or features.ndim != 3
+            or not isinstance(features, Tensor)
+            or features.ndim != 4
             or features.shape[:2] != (info["clips"], info["views"])
         ):
             return None
         return features.float()
 
-    def save(self, key: str, info: Mapping[str, Any], features: torch.Tensor, clip_ids: Sequence[str]) -> Path:
+    def save(self, key: str, info: Mapping[str, Any], features: Tensor, clip_ids: Sequence[str]) -> Path:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")

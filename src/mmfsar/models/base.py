@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import mmfsar
+from mmfsar.errors import ConfigError
 
 EXPORT_FORMAT = 1
 
@@ -141,6 +142,43 @@ def build_encoder(payload: Mapping[str, Any] | str | Path) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"encoder weights do not fit its config: missing {missing}, unexpected {unexpected}")
     return encoder
+
+
+def given(paths: Mapping[str, str | None] | None) -> dict[str, str]:
+    """The entries of a name -> exported-file mapping that are set (config slots may be null)."""
+    return {k: v for k, v in (paths or {}).items() if v is not None}
+
+
+def exported_modalities(paths: Mapping[str, str], configured: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Configured modalities plus those the exported encoders at ``paths`` were trained on.
+
+    An exported encoder must be fed exactly as it was trained, so its stored modality config is
+    used; a configured modality of the same name that reads clips differently is an error.
+    ``encoder_args`` are not compared: they shape a new encoder, and the export carries its own.
+    """
+    out = dict(plain_config(configured) or {})
+    for name, path in given(paths).items():
+        for m, mcfg in load_export(path)["modalities"].items():
+            keys = (set(out.get(m, {})) | set(mcfg)) - {"encoder_args"}
+            diff = sorted(k for k in keys if out[m].get(k) != mcfg.get(k)) if m in out else []
+            if diff:
+                raise ConfigError(
+                    f"modality {m!r}: the configured settings differ from those encoder {name!r} ({path}) "
+                    f"was trained with, in keys {diff}; drop modality={m} or match modalities.{m}"
+                )
+            out[m] = mcfg
+    return out
+
+
+def masking_grid(encoder: nn.Module) -> tuple[int, int, int]:
+    """The token grid of a clip encoder whose backbone can drop tokens (ViT), else a clear error."""
+    backbone = getattr(encoder, "backbone", None)
+    if backbone is None or not getattr(backbone, "supports_masking", False):
+        raise ConfigError(
+            "masking (a mask ratio > 0) needs a single-modality token encoder (VideoViT); "
+            f"{type(encoder).__name__} cannot drop tokens"
+        )
+    return tuple(backbone.grid)
 
 
 def _without_pretrained(cfg: Any) -> Any:

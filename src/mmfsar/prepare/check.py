@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mmfsar.data.episodes import EpisodeSettings
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 from mmfsar.data.meta import DatasetMeta
 from mmfsar.data.validate import ValidationReport, validate_dataset
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 from mmfsar.data.meta import ANNOTATION_FILE, META_FILE, ClipRecord, DatasetMeta, read_annotations, write_annotations
 
 STATE_DIR = ".prepare"

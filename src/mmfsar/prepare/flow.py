@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Iterator, Mapping
 
 import numpy as np
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 from mmfsar.data.meta import ANNOTATION_FILE, DatasetMeta, read_annotations
 from mmfsar.data.readers import FrameReader, VideoFileReader, quantize_flow
 from mmfsar.prepare.common import (

@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 from mmfsar.data.meta import ANNOTATION_FILE, DatasetMeta, read_annotations
 from mmfsar.data.readers import FrameReader
 from mmfsar.prepare.common import (

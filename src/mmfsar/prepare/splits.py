@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 from mmfsar.data.meta import ANNOTATION_FILE, ClassInfo, ClipRecord, DatasetMeta
 from mmfsar.data.readers import FrameReader
 from mmfsar.prepare.common import (

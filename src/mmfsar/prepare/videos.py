@@ -49,7 +49,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 from mmfsar.data.meta import ANNOTATION_FILE, SPLITS, ClassInfo, ClipRecord, DatasetMeta
 from mmfsar.prepare.common import (
     CATALOG_FILE,

@@ -10,10 +10,11 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from mmfsar.data.episodes import EpisodeSet
-from mmfsar.fewshot import EpisodeClassifier, mean_confidence_interval, solve_episodes
-from mmfsar.fewshot.engine import FeatureBank, encode_views, episode_positions
+from mmfsar.fewshot import mean_confidence_interval
+from mmfsar.fewshot.engine import FeatureBank, encode_views, episode_positions, solve_episodes
 
 
 class FewShotEvalModule(L.LightningModule):
@@ -27,13 +28,14 @@ class FewShotEvalModule(L.LightningModule):
 
     ``chunk``: episodes solved per batch (the steps of the solving progress bar; memory).
     ``progress``: show that progress bar (rank 0 only; Lightning shows the encoding one).
+    Classifiers that compare clips frame by frame (``uses_frames``) get per-frame features.
     """
 
     def __init__(
         self,
         *,
         encoder: nn.Module,
-        classifier: EpisodeClassifier,
+        classifier: nn.Module,
         views: int = 1,
         mask_ratio: float = 0.0,
         mask_seed: int = 0,
@@ -56,6 +58,7 @@ class FewShotEvalModule(L.LightningModule):
         self.mask_seed = mask_seed
         self.chunk = chunk
         self.progress = progress
+        self.per_frame = bool(getattr(classifier, "uses_frames", False))
         self.features: torch.Tensor | None = None
         self.episode_accuracy: torch.Tensor | None = None
         self._bank: FeatureBank | None = None
@@ -73,7 +76,13 @@ class FewShotEvalModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         inputs = {m: batch[m] for m in self.encoder.modalities}
         feats = encode_views(
-            self.encoder, inputs, batch["index"], views=self.views, mask_ratio=self.mask_ratio, seed=self.mask_seed
+            self.encoder,
+            inputs,
+            batch["index"],
+            views=self.views,
+            mask_ratio=self.mask_ratio,
+            seed=self.mask_seed,
+            frames=self.per_frame,
         )
         self._bank.add(batch["index"], feats)
 
@@ -86,7 +95,7 @@ class FewShotEvalModule(L.LightningModule):
         self.log_dict({"test/acc": mean, "test/ci": ci}, sync_dist=True)  # equal on every rank
 
     def solve(self, features: torch.Tensor, episodes: EpisodeSet, clip_ids: list[str]) -> torch.Tensor:
-        """Per-episode accuracy (E,) on ``features`` (num_clips, views, D) in ``clip_ids`` order.
+        """Per-episode accuracy (E,) on ``features`` (num_clips, views, time, D) in ``clip_ids`` order.
 
         Inside a distributed test run each rank solves its share and the accuracies are
         gathered; outside one (cached features) this process solves every episode.
@@ -97,9 +106,18 @@ class FewShotEvalModule(L.LightningModule):
         rank = self.trainer.global_rank if inside else 0
         shard = episodes.shard(rank, world).to(features.device)
         show = self.progress and rank == 0 and (not inside or self.trainer.progress_bar_callback is not None)
-        with _progress_bar(len(shard), f"solving {len(episodes)} episodes", enabled=show) as bar:
+        bar = tqdm(
+            total=len(shard),
+            desc=f"solving {len(episodes)} episodes",
+            unit="episode",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.2,
+            disable=not show,
+        )
+        with bar:
             local = solve_episodes(
-                self.classifier, features, positions[shard], episodes.settings.k_shot, chunk=self.chunk, progress=bar
+                self.classifier, features, positions[shard], episodes.settings.k_shot, chunk=self.chunk, progress=bar.update
             )
         acc = torch.full((len(episodes),), -1.0, device=features.device)
         acc[shard] = local.float()
@@ -107,36 +125,6 @@ class FewShotEvalModule(L.LightningModule):
             acc = self.all_gather(acc).max(0).values
         self.episode_accuracy = acc.cpu()
         return self.episode_accuracy
-
-
-class _progress_bar:
-    """A tqdm bar over episodes used as ``progress`` callback (a no-op when disabled)."""
-
-    def __init__(self, total: int, description: str, *, enabled: bool) -> None:
-        self.bar = None
-        if enabled and total > 0:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(
-                total=total,
-                desc=description,
-                unit="episode",
-                file=sys.stderr,
-                dynamic_ncols=True,
-                leave=True,
-                mininterval=0.2,
-            )
-
-    def __enter__(self) -> "_progress_bar":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-    def __call__(self, done: int) -> None:
-        if self.bar is not None:
-            self.bar.update(done)
 
 
 def default_chunk(episodes: int, steps: int = 8, smallest: int = 600) -> int:

@@ -5,7 +5,6 @@ runs, and writes its artefacts into the run directory."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import subprocess
 from pathlib import Path
@@ -19,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import mmfsar
 from mmfsar.data.modalities import build_modalities
+from mmfsar.errors import DataError
+from mmfsar.fewshot.engine import file_sha256
 from mmfsar.models.base import build_encoder, export_encoder, load_export
 from mmfsar.utils import RankedLogger, instantiate_callbacks, instantiate_loggers, print_config_tree, task_wrapper
 from mmfsar.utils.paths import PROJECT_ROOT
@@ -26,7 +27,7 @@ from mmfsar.utils.paths import PROJECT_ROOT
 log = RankedLogger(__name__)
 
 
-def _trainer(cfg: DictConfig) -> tuple[L.Trainer, list[Logger]]:
+def _trainer(cfg: DictConfig, callbacks: list[L.Callback] = ()) -> tuple[L.Trainer, list[Logger]]:
     loggers = instantiate_loggers(cfg.get("logger"))
     extra = {}
     accelerator = cfg.trainer.get("accelerator")
@@ -35,7 +36,7 @@ def _trainer(cfg: DictConfig) -> tuple[L.Trainer, list[Logger]]:
         log.warning("trainer.sync_batchnorm ignored on CPU (SyncBatchNorm needs GPUs); BatchNorm statistics stay per process")
         extra["sync_batchnorm"] = False
     trainer = instantiate(
-        cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")), logger=loggers or False, **extra
+        cfg.trainer, callbacks=instantiate_callbacks(cfg.get("callbacks")) + list(callbacks), logger=loggers or False, **extra
     )
     for lg in loggers:
         lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -61,7 +62,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()  # generates the synthetic data on first use (before DDP ranks start)
     datamodule.setup("fit")  # every file check and the episode draw happen before training
     module = module_cls.build(cfg.model, datamodule)
-    trainer, loggers = _trainer(cfg)
+    cache = [instantiate(cfg.cache)] if cfg.get("cache") else []
+    trainer, loggers = _trainer(cfg, cache)
     log.info("training")
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -112,23 +114,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     same encoder, data and view settings skips the encoder.
     """
     from mmfsar.fewshot import mean_confidence_interval
-    from mmfsar.fewshot.engine import FeatureCache, feature_cache_key
     from mmfsar.tasks.evaluate import FewShotEvalModule, default_chunk
 
     payload = load_export(cfg.encoder)  # a missing or foreign file fails here, before any work
     _prepare(cfg)
-    encoder = build_encoder(payload)
     modalities = build_modalities(payload["modalities"])
     datamodule = instantiate(cfg.data, modalities=modalities, frames=instantiate(payload["frames"]))
     datamodule.prepare_data()
     _check_modalities(cfg.encoder, modalities, Path(cfg.data.root))
     datamodule.setup("test")  # missing files, impossible episodes, an episode file of other clips
-    out_dir = Path(cfg.paths.output_dir)
-    episodes = datamodule.episodes
-    fs = cfg.fewshot
-    settings = episodes.settings
+    fs, episodes = cfg.fewshot, datamodule.episodes
     module = FewShotEvalModule(
-        encoder=encoder,
+        encoder=build_encoder(payload),
         classifier=instantiate(fs.classifier),
         views=fs.views,
         mask_ratio=fs.mask_ratio,
@@ -136,12 +133,35 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         chunk=fs.get("chunk") or default_chunk(len(episodes)),
         progress=bool(cfg.trainer.get("enable_progress_bar", True)),
     )
-    clip_ids = [r.clip_id for r in datamodule.clips.records]
     encoder_sha256 = file_sha256(cfg.encoder)
-    cache, cache_key, cache_info, cached = None, None, None, None
+    outcome = _solve(cfg, module, datamodule, payload, encoder_sha256)
+    if outcome is None:  # a rank other than 0 of a distributed run
+        return {}
+    accuracy, loggers, features_file = outcome
+    out_dir = Path(cfg.paths.output_dir)
+    episode_file = out_dir / f"episodes_{episodes.settings.name}.json"
+    mean, ci = mean_confidence_interval(accuracy)
+    record = _record(cfg, module, episodes, mean, ci, encoder_sha256, episode_file, episodes.save(episode_file), features_file)
+    _write_results(out_dir, record, accuracy)
+    _log_results_wandb(loggers, record, accuracy)
+    return record
+
+
+def _solve(
+    cfg: DictConfig, module: Any, datamodule: Any, payload: dict[str, Any], encoder_sha256: str
+) -> tuple[torch.Tensor, list[Logger], str | None] | None:
+    """Per-episode accuracies, the loggers and the feature-cache file: features from the on-disk
+    cache when ``fewshot.cache_dir`` has them (no encoder pass, this process solves every
+    episode), else encoded by a ``trainer.test`` run (sharded under DDP; None on ranks > 0)."""
+    from mmfsar.fewshot.engine import FeatureCache, feature_cache_key
+
+    fs, episodes = cfg.fewshot, datamodule.episodes
+    clip_ids = [r.clip_id for r in datamodule.clips.records]
+    views = f" x {fs.views} masked views" if fs.views > 1 else ""
+    cache, key, info = None, None, None
     if fs.get("cache_dir"):
         cache = FeatureCache(fs.cache_dir)
-        cache_key, cache_info = feature_cache_key(
+        key, info = feature_cache_key(
             encoder_file=cfg.encoder,
             encoder_sha256=encoder_sha256,
             dataset_root=cfg.data.root,
@@ -152,29 +172,40 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             views=fs.views,
             mask_ratio=fs.mask_ratio,
             mask_seed=fs.seed,
+            per_frame=module.per_frame,
             precision=str(cfg.trainer.get("precision", "32-true")),
         )
-        cached = cache.load(cache_key, cache_info)
-    views = f" x {fs.views} masked views" if fs.views > 1 else ""
-    if cached is None:
-        trainer, loggers = _trainer(cfg)
-        log.info(f"encoding {len(clip_ids)} clips{views} once, then solving {len(episodes)} episodes")
-        trainer.test(module, datamodule=datamodule, verbose=False)
-        if not trainer.is_global_zero:
-            return {}
-        features = module.features
-        if cache is not None:
-            log.info(f"features cached: {cache.save(cache_key, cache_info, features, clip_ids)}")
-    else:  # no encoder pass: this process solves every episode (no trainer, hence no DDP)
-        log.info(f"features of {len(clip_ids)} clips{views} read from {cache.path(cache_key)}; solving {len(episodes)} episodes")
-        loggers = _eval_loggers(cfg)
-        features = cached
-        module.solve(features, episodes, clip_ids)
-    episode_file = out_dir / f"episodes_{settings.name}.json"
-    episode_hash = episodes.save(episode_file)
-    acc = module.episode_accuracy
-    mean, ci = mean_confidence_interval(acc)
-    record = {
+        cached = cache.load(key, info)
+        if cached is not None:
+            log.info(f"features of {len(clip_ids)} clips{views} read from {cache.path(key)}; solving {len(episodes)} episodes")
+            loggers = instantiate_loggers(cfg.get("logger"))
+            for lg in loggers:
+                lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            return module.solve(cached, episodes, clip_ids), loggers, str(cache.path(key))
+    trainer, loggers = _trainer(cfg)
+    log.info(f"encoding {len(clip_ids)} clips{views} once, then solving {len(episodes)} episodes")
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    if not trainer.is_global_zero:
+        return None
+    if cache is not None:
+        log.info(f"features cached: {cache.save(key, info, module.features, clip_ids)}")
+    return module.episode_accuracy, loggers, str(cache.path(key)) if cache is not None else None
+
+
+def _record(
+    cfg: DictConfig,
+    module: Any,
+    episodes: Any,
+    mean: float,
+    ci: float,
+    encoder_sha256: str,
+    episode_file: Path,
+    episode_sha256: str,
+    features_file: str | None,
+) -> dict[str, Any]:
+    """The one-row summary of an evaluation (results.json / .csv, W&B, the sweep table)."""
+    fs, settings = cfg.fewshot, episodes.settings
+    return {
         "setting": f"{settings.n_way}-way {settings.k_shot}-shot",
         "n_way": settings.n_way,
         "k_shot": settings.k_shot,
@@ -183,36 +214,40 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "seed": settings.seed,
         "split": fs.split,
         "domain": fs.domain,
-        "classifier": fs.classifier._target_.rsplit(".", 1)[-1],
+        "classifier": type(module.classifier).__name__,
         "views": fs.views,
         "mask_ratio": fs.mask_ratio,
         "encoder": str(cfg.encoder),
         "encoder_sha256": encoder_sha256,
-        "modalities": list(encoder.modalities),
+        "modalities": list(module.encoder.modalities),
         "dataset": str(cfg.data.root),
         "episode_file": str(episode_file),
-        "episode_sha256": episode_hash,
+        "episode_sha256": episode_sha256,
         "mean": round(float(mean), 4),
         "ci95": round(float(ci), 4),
-        "features_cache": str(cache.path(cache_key)) if cache is not None else None,
+        "features_cache": features_file,
         "code_version": code_version(),
     }
-    (out_dir / "results.json").write_text(json.dumps({**record, "per_episode": acc.tolist()}, indent=1))
+
+
+def _write_results(out_dir: Path, record: dict[str, Any], accuracy: torch.Tensor) -> None:
+    """results.json (with the per-episode accuracies), results.csv, and the one-line summary."""
+    from mmfsar.fewshot import format_mean_ci
+
+    (out_dir / "results.json").write_text(json.dumps({**record, "per_episode": accuracy.tolist()}, indent=1))
     with (out_dir / "results.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(record))
         w.writeheader()
         w.writerow(record)
+    views = f" x {record['views']} masked views" if record["views"] > 1 else ""
     print(
-        f"{record['setting']} ({settings.n_query} queries, {settings.episodes} episodes, {record['classifier']}{views}) "
-        f"on {fs.split}/{fs.domain}: {mean:.2f} ± {ci:.2f}  [{cfg.encoder}]"
+        f"{record['setting']} ({record['n_query']} queries, {record['episodes']} episodes, {record['classifier']}{views}) "
+        f"on {record['split']}/{record['domain']}: {format_mean_ci(record['mean'], record['ci95'])}  [{record['encoder']}]"
     )
-    _log_results_wandb(loggers, record, acc)
-    return record
 
 
 def _check_modalities(encoder_file: str, modalities: dict[str, Any], root: Path) -> None:
     """Every stream the encoder reads is in the dataset's ``meta.json`` (else a clear error)."""
-    from mmfsar.data.errors import DataError
     from mmfsar.data.meta import DatasetMeta
 
     meta = DatasetMeta.load(root)
@@ -228,14 +263,6 @@ def _check_modalities(encoder_file: str, modalities: dict[str, Any], root: Path)
         )
 
 
-def _eval_loggers(cfg: DictConfig) -> list[Logger]:
-    """The configured loggers, for a run that needs no trainer (features read from the cache)."""
-    loggers = instantiate_loggers(cfg.get("logger"))
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    return loggers
-
-
 def _log_results_wandb(loggers: list[Logger], record: dict[str, Any], accuracy: torch.Tensor) -> None:
     """W&B (``logger=wandb``): summary metrics, the setting as a one-row table, and a histogram
     of the per-episode accuracies (percent)."""
@@ -244,14 +271,8 @@ def _log_results_wandb(loggers: list[Logger], record: dict[str, Any], accuracy: 
             import wandb
 
             run = lg.experiment
-            run.summary.update(
-                {
-                    "acc": record["mean"],
-                    "ci95": record["ci95"],
-                    "episode_sha256": record["episode_sha256"],
-                    "setting": record["setting"],
-                }
-            )
+            summary = {k: record[k] for k in ("setting", "episode_sha256")} | {"acc": record["mean"], "ci95": record["ci95"]}
+            run.summary.update(summary)
             table = wandb.Table(columns=list(record), data=[[_cell(v) for v in record.values()]])
             run.log(
                 {
@@ -266,14 +287,6 @@ def _log_results_wandb(loggers: list[Logger], record: dict[str, Any], accuracy: 
 def _cell(value: Any) -> Any:
     """A W&B table cell: lists (modalities) as text."""
     return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def code_version() -> str:

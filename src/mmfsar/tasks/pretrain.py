@@ -21,11 +21,11 @@ from omegaconf import DictConfig
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import ConfigError
 from mmfsar.losses.reconstruction import masked_reconstruction_mse
 from mmfsar.models.base import EncoderOutput, ModalityEncoder
 from mmfsar.models.reconstruction import normalized_patch_targets, patchify
-from mmfsar.tasks.common import TrainingModule, build_partial, encoder_inputs, modality_encoder_config
+from mmfsar.tasks.common import Optimization, TrainingModule, modality_encoder_config
 
 
 class PretrainModule(TrainingModule):
@@ -48,9 +48,9 @@ class PretrainModule(TrainingModule):
         mask_ratio: float = 0.9,
         ce_weight: float = 1.0,
         target_recon_weight: float = 1.0,
-        **optim: Any,
+        optim: Optimization,
     ) -> None:
-        super().__init__(**optim)
+        super().__init__(optim=optim)
         self.encoder = encoder
         self.encoder_config = dict(encoder_config)
         self.decoder = decoder
@@ -64,26 +64,20 @@ class PretrainModule(TrainingModule):
     def build(cls, cfg: DictConfig, datamodule: Any) -> "PretrainModule":
         """From the ``model`` config and the (prepared) data module."""
         if len(datamodule.modalities) != 1:
-            raise DataError(
+            raise ConfigError(
                 f"pretraining trains one modality at a time, got modalities {sorted(datamodule.modalities)}; "
                 "sweep them with -m modality=rgb,flow,pose"
             )
         (modality,) = datamodule.modalities
         num_classes = len(datamodule.base_classes)
-        enc_cfg = modality_encoder_config(
-            cfg.encoder, modality, encoder_inputs(datamodule, modality), num_classes, cfg.get("head")
-        )
+        enc_cfg = modality_encoder_config(cfg.encoder, modality, datamodule.encoder_inputs(modality), num_classes, cfg.get("head"))
         encoder = instantiate(enc_cfg, _convert_="all")
         decoder = None
         if cfg.decoder is not None:
             bb = encoder.backbone
             if not getattr(bb, "supports_masking", False):
-                raise DataError(f"model.decoder needs a token encoder (VideoViT), got {type(bb).__name__}")
-            decoder = build_partial(cfg.decoder)(
-                encoder_dim=bb.feature_dim,
-                patch_dim=bb.tubelet_size * bb.patch_size**2 * bb.in_channels,
-                grid=tuple(bb.grid),
-            )
+                raise ConfigError(f"model.decoder needs a token encoder (VideoViT), got {type(bb).__name__}")
+            decoder = instantiate(cfg.decoder)(bb)  # VideoMAEDecoder.for_encoder, sized for its tokens
         return cls(
             encoder=encoder,
             encoder_config=enc_cfg,
@@ -91,14 +85,15 @@ class PretrainModule(TrainingModule):
             mask_ratio=cfg.mask_ratio,
             ce_weight=_weight(cfg.ce_weight, modality),
             target_recon_weight=_weight(cfg.target_recon_weight, modality),
-            optimizer=build_partial(cfg.optimizer),
-            scheduler=build_partial(cfg.scheduler),
-            scale_lr=cfg.scale_lr,
-            weight_decay=cfg.weight_decay,
+            optim=instantiate(cfg.optim),
         )
 
     def exported_encoder(self) -> tuple[nn.Module, dict[str, Any]]:
         return self.encoder, self.encoder_config
+
+    @property
+    def trained_modalities(self) -> list[str]:
+        return [self.modality]
 
     def _reconstruction(self, x: torch.Tensor) -> tuple[torch.Tensor, EncoderOutput]:
         bb = self.encoder.backbone
@@ -148,4 +143,4 @@ def _weight(value: float | Mapping[str, float], modality: str) -> float:
         return float(value[modality])
     if "default" in value:
         return float(value["default"])
-    raise DataError(f"loss weight {dict(value)} has no entry for modality {modality!r} and no 'default'")
+    raise ConfigError(f"loss weight {dict(value)} has no entry for modality {modality!r} and no 'default'")

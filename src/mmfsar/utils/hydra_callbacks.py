@@ -11,6 +11,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from mmfsar.fewshot.stats import format_mean_ci
+
 log = logging.getLogger(__name__)
 
 COLUMNS = [
@@ -39,7 +41,7 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     head = "| encoder | setting | queries | episodes | classifier | accuracy (%) |\n|---|---|---|---|---|---|\n"
     body = "".join(
         f"| {r['encoder']} | {r['setting']} | {r['n_query']} | {r['episodes']} | {r['classifier']} | "
-        f"{r['mean']:.2f} ± {r['ci95']:.2f} |\n"
+        f"{format_mean_ci(r['mean'], r['ci95'])} |\n"
         for r in rows
     )
     return head + body

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from mmfsar.data.errors import DataError
+from mmfsar.errors import DataError
 from mmfsar.data.meta import ClassInfo, ClipRecord, DatasetMeta, write_annotations
 from mmfsar.data.readers import quantize_flow
 from mmfsar.data.synthetic.actions import ACTIONS, EDGES, JOINTS, SPLIT_OF_ACTION, animate

@@ -54,7 +54,6 @@ class Conv3DEncoder(nn.Module):
             c = w
         self.net = nn.Sequential(*blocks)
         self.feature_dim = c
-        self.num_frames_out = num_frames // math.prod(temporal_strides)
 
     def forward(
         self, x: torch.Tensor, *, mask: torch.Tensor | None = None, mask_ratio: float = 0.0, return_tokens: bool = False
