@@ -12,7 +12,7 @@ weights: timing does not depend on what the weights are.
 * ``mm_cdfsl`` (``experiment=mm_cdfsl_tiny/...``): 3D-CNN RGB student initialised from the RGB
   encoder, three 3D-CNN teachers (rgb, flow, pose), translation MSE on unlabelled target clips;
   the teachers encode 8 seeded augmented views of every training clip before training
-  (``distill.cache_views=8``) and the student trains on those same views, so a step looks the
+  (``cache=frozen cache.views=8``) and the student trains on those same views, so a step looks the
   teachers' outputs up.
 * ``mm_cdfsl_vit`` (``experiment=mm_cdfsl/...`` with ``model/encoder=vit_tiny input=synthetic
   data.frames.num_frames=8``): the published recipe, ViT student and teachers sharing a tube
@@ -21,7 +21,7 @@ weights: timing does not depend on what the weights are.
 * ``lite_mkd`` (``experiment=lite_mkd_tiny/...``): 3D-CNN RGB student, the MFM fusion teacher over
   3D-CNN rgb / flow / pose encoders, logit KD + relation + CE on source + target clips; the
   teacher's outputs on the un-augmented clips are cached before training
-  (``distill.cache_teachers``), so a step looks them up.
+  (``cache=frozen``), so a step looks them up.
 
 Per recipe, on one batch of real clips (``--batch-size``, default the presets' 32):
 
@@ -38,7 +38,7 @@ Per recipe, on one batch of real clips (``--batch-size``, default the presets' 3
   teachers' inference time per clip; a plain step's timing has no data loading either, and
   training with the teachers at every step loads all their modalities every epoch);
   ``distill_online_step_ms`` / ``distill_online_over_plain``: the same step with the teachers
-  run on the batch (``cache_teachers=false``), for comparison;
+  run on the batch (no cache), for comparison;
 * for a masked recipe also ``plain_masked_step_ms`` (CE on the student with the same tube mask)
   and ``distill_over_plain_masked``: what the teachers and the translation heads add to the
   student's own masked pass;
@@ -75,6 +75,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -85,11 +86,11 @@ os.environ.setdefault("MMFSAR_ROOT", str(REPO))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
-from hydra.utils import get_class, instantiate  # noqa: E402
-from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
 
-from mmfsar.data.modalities import build_modalities  # noqa: E402
-from mmfsar.models.base import export_encoder, load_export  # noqa: E402
+from mmfsar.models.base import load_export  # noqa: E402
+from mmfsar.tasks.common import frozen_module_outputs  # noqa: E402
+from mmfsar.tasks.pipelines import build_training, export_trained  # noqa: E402
 
 MODALITIES = ("rgb", "flow", "pose")
 VIT_ON_SYNTHETIC = ["model/encoder=vit_tiny", "input=synthetic", "data.frames.num_frames=8"]
@@ -131,27 +132,9 @@ def compose_cfg(name: str, overrides: list[str], out_dir: Path) -> DictConfig:
     return cfg
 
 
-def build(cfg: DictConfig) -> tuple[Any, Any, dict]:
-    """(module, prepared data module, modality configs), as ``pipelines.train`` builds them."""
-    module_cls = get_class(cfg.model._target_)
-    modality_cfgs = module_cls.modality_configs(cfg.model, cfg.modalities)
-    datamodule = instantiate(cfg.data, modalities=build_modalities(modality_cfgs))
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    return module_cls.build(cfg.model, datamodule), datamodule, modality_cfgs
-
-
-def export(cfg: DictConfig, path: Path) -> Path:
+def export(cfg: DictConfig) -> Path:
     """Build a stage-1 module (random weights) and export its encoder as a run would."""
-    module, _, modality_cfgs = build(cfg)
-    encoder, encoder_cfg = module.exported_encoder()
-    return export_encoder(
-        path,
-        encoder,
-        encoder_config=encoder_cfg,
-        modalities={m: modality_cfgs[m] for m in encoder.modalities},
-        frames=OmegaConf.to_container(cfg.data.frames, resolve=True),
-    )
+    return export_trained(cfg, build_training(cfg))
 
 
 def first_batch(datamodule: Any) -> dict[str, Any]:
@@ -210,7 +193,8 @@ def profile_distill(module: Any, batch: dict[str, Any], warmup: int, repeats: in
     from mmfsar.models.encoders.vit import tube_mask
 
     parts = [batch[k] for k in ("source", "target") if k in batch]
-    inputs = {m: torch.cat([p[m] for p in parts]) for m in module.teachers.modalities | set(module.student.modalities)}
+    teacher_modalities = {m for t in module.frozen_models().values() for m in t.modalities}
+    inputs = {m: torch.cat([p[m] for p in parts]) for m in teacher_modalities | set(module.student.modalities)}
     labels = torch.cat([p["label"] for p in parts])
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -221,7 +205,7 @@ def profile_distill(module: Any, batch: dict[str, Any], warmup: int, repeats: in
             kwargs["mask"] = tube_mask(labels.shape[0], module.grid, module.mask_ratio, device=labels.device)
         opt.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        teachers = module.teachers(inputs, **kwargs)
+        teachers = frozen_module_outputs(module.frozen_models(), inputs, **kwargs)
         t1 = time.perf_counter()
         student = module.student(inputs, **kwargs)
         db = DistillBatch(student=student, teachers=teachers, labels=labels)
@@ -243,31 +227,30 @@ def profile_distill(module: Any, batch: dict[str, Any], warmup: int, repeats: in
 
 def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     recipe = RECIPES[name]
-    common = [f"data.root={args.root}", "data.num_workers=0", "data.val_episodes.episodes=10"]
+    common = [*args.data, "data.num_workers=0", "data.val_episodes.episodes=10"]
     if args.batch_size:
         common.append(f"data.batch_size={args.batch_size}")
-    exports = {
-        m: export(compose_cfg("pretrain", [*recipe["pretrain"], f"modality={m}", *common], tmp), tmp / name / m / "encoder.pt")
-        for m in MODALITIES
-    }
+    exports = {m: export(compose_cfg("pretrain", [*recipe["pretrain"], f"modality={m}", *common], tmp / name / m)) for m in MODALITIES}
     encoders = [f"model.encoders.{m}={exports[m]}" for m in MODALITIES]
     if recipe["fusion"]:
-        teachers = {"fusion": export(compose_cfg("pretrain", [*recipe["fusion"], *encoders, *common], tmp), tmp / name / "fusion" / "encoder.pt")}
+        teachers = {"fusion": export(compose_cfg("pretrain", [*recipe["fusion"], *encoders, *common], tmp / name / "fusion"))}
     else:
         teachers = exports
     distill_over = [*recipe["distill"], *[f"model.teachers.{t}={p}" for t, p in teachers.items()], *common]
     if recipe["init_student_from_rgb"]:
         distill_over.append(f"model.init_from={exports['rgb']}")
     distill_cfg = compose_cfg("distill", distill_over, tmp)
-    distill, dm, _ = build(distill_cfg)
-    plain, _, _ = build(compose_cfg("pretrain", [*recipe["plain"], "modality=rgb", *common], tmp))
+    run = build_training(distill_cfg)
+    distill, dm = run.module, run.datamodule
+    plain = build_training(compose_cfg("pretrain", [*recipe["plain"], "modality=rgb", *common], tmp)).module
     assert plain.decoder is None and type(plain.encoder.backbone) is type(distill.student.backbone)
 
     batch = first_batch(dm)  # the recipe's own clips: target (mm_cdfsl) or source + target (lite_mkd)
     clips = next(iter(batch.values()))  # every modality: for the inference timings
     cache_s, online_batch = None, batch
-    if distill.cache_teachers:  # as on_fit_start: teachers encode every training clip once per cached view
-        cache_s = timed(lambda: distill.build_teacher_cache(dm))
+    cache = run.callbacks[0] if run.callbacks else None  # cache=frozen
+    if cache is not None:  # as on fit start: teachers encode every training clip once per cached view
+        cache_s = timed(lambda: cache.on_fit_start(SimpleNamespace(datamodule=dm), distill))
         batch = first_batch(dm)  # now the student's modality only (and each clip's view)
     run_steps = distill_cfg.trainer.max_epochs * max(len(loader) for loader in dm.train_dataloader().values())
     cached_clips = sum(len(ds) for ds in dm.train_sets.values())
@@ -282,14 +265,14 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
         "distill_step": lambda: step_d(lambda: distill.training_step(batch, 0)),
         "plain_step": lambda: step_p(lambda: plain.training_step(plain_batch, 0)),
     }
-    if distill.cache_teachers:
+    if cache is not None:
 
         def online_step() -> torch.Tensor:
-            distill.cache_teachers = False  # teachers run on the batch, as without a cache
+            distill.frozen_cache = None  # teachers run on the batch, as without a cache
             try:
                 return distill.training_step(online_batch, 0)
             finally:
-                distill.cache_teachers = True
+                distill.frozen_cache = cache
 
         variants["distill_online_step"] = lambda: step_d(online_step)
     if distill.grid is not None:
@@ -301,7 +284,8 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
 
         variants["plain_masked_step"] = lambda: step_p(masked_ce)
 
-    student, teacher_models = distill.student, distill.teachers.models
+    student, teacher_models = distill.student, distill.frozen_models()
+    teacher_modalities = sorted({m for t in teacher_models.values() for m in t.modalities})
     teacher_cfgs = {n: load_export(p)["encoder"] for n, p in teachers.items()}
 
     def student_infer() -> None:
@@ -328,7 +312,7 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
 
         inference["student_2_masked_views"] = student_masked_views
 
-    if "flow" in distill.teachers.modalities:
+    if "flow" in teacher_modalities:
         from mmfsar.prepare.flow import create_method, flow_frames
 
         rgb = dm.modalities["rgb"]  # (3, 1, 1, 1) normalisation, undone to get the frames back
@@ -362,12 +346,12 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
     }
     if cache_s is not None:
         out["teacher_cache_s"] = round(cache_s, 1)  # once per run, before the first step
-        out["cache_views"] = distill.cache_views
+        out["cache_views"] = cache.views
         out["run_steps"] = run_steps
         out["distill_over_plain_with_cache"] = round(
             (run_steps * steps["distill_step"] + cache_s) / (run_steps * steps["plain_step"]), 3
         )
-        compute_s = max(distill.cache_views, 1) * cached_clips * infer["teacher"] / bsz
+        compute_s = max(cache.views, 1) * cached_clips * infer["teacher"] / bsz
         out["teacher_cache_compute_s"] = round(compute_s, 1)
         out["distill_over_plain_with_cache_compute"] = round(
             (run_steps * steps["distill_step"] + compute_s) / (run_steps * steps["plain_step"]), 3
@@ -402,25 +386,29 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
                 else {}
             ),
             "student_modalities": list(student.modalities),
-            "teacher_modalities": sorted(distill.teachers.modalities),
+            "teacher_modalities": teacher_modalities,
         }
     )
     if args.profile:  # of the step with the teachers run on the batch
-        distill.cache_teachers = False
+        distill.frozen_cache = None
         out["distill_online_step_breakdown_ms"] = profile_distill(distill, online_batch, args.warmup, args.repeats)
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--root", default=str(REPO / "data" / "synthetic"), help="dataset (the default synthetic one is generated if missing)")
+    ap.add_argument("--root", default=None, help="a dataset folder (default: the synthetic one, generated if missing)")
     ap.add_argument("--batch-size", type=int, default=None, help="clips per step (default: the presets' data.batch_size)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--recipes", default="mm_cdfsl,mm_cdfsl_vit,lite_mkd")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--profile", action="store_true", help="break the distillation step down")
-    args = ap.parse_args()
+    ap.add_argument("--tiny", action="store_true", help="batches of 4, one repeat, no ViT: checks that the script runs")
+    args = ap.parse_args(argv)
+    args.data = [] if args.root is None else ["data=folder", f"data.root={args.root}"]
+    if args.tiny:
+        args.batch_size, args.warmup, args.repeats, args.recipes = 4, 0, 1, "mm_cdfsl,lite_mkd"
     # training_step outside a Trainer: self.log() is a no-op that warns on every call
     warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
     if args.threads:

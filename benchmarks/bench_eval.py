@@ -64,7 +64,7 @@ CONFIGS = ROOT / "configs"
 CLASSIFIERS = {"logreg": LogisticRegressionClassifier, "prototype": PrototypeClassifier}
 
 
-def default_encoder(modality: str = "rgb", seed: int = 0, **backbone_overrides) -> tuple[torch.nn.Module, dict, dict]:
+def default_encoder(root: Path, modality: str = "rgb", seed: int = 0, **backbone_overrides) -> tuple[torch.nn.Module, dict, dict]:
     """configs/model/encoder/vit_tiny.yaml on ``modality`` as configs/modality/<modality>.yaml
     and configs/data/synthetic.yaml compose it, with random weights: (encoder, modalities, frames)."""
     from hydra.utils import instantiate
@@ -84,7 +84,7 @@ def default_encoder(modality: str = "rgb", seed: int = 0, **backbone_overrides) 
     stream = build_modalities({modality: config})[modality]
     from mmfsar.data.meta import DatasetFolder
 
-    stream.bind(DatasetFolder.open(ROOT / "data" / "synthetic"))  # channels (pose: joints) come from the dataset
+    stream.bind(DatasetFolder.open(root))  # channels (pose: joints) come from the dataset
     backbone = {**OmegaConf.to_container(OmegaConf.load(CONFIGS / "model" / "encoder" / "vit_tiny.yaml")), **backbone_overrides}
     encoder_config = modality_encoder_config(backbone, modality, {"num_frames": frames["num_frames"], **stream.encoder_inputs()})
     torch.manual_seed(seed)
@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> dict:
         from mmfsar.data.synthetic import ensure_synthetic
 
         ensure_synthetic(ROOT / "data" / "synthetic", OmegaConf.to_container(OmegaConf.load(CONFIGS / "data" / "synthetic.yaml").generator))
-    encoder, modalities, frames = load_encoder(args.encoder) if args.encoder else default_encoder(args.modality)
+    root = Path(args.data) if args.data else ROOT / "data" / "synthetic"
+    encoder, modalities, frames = load_encoder(args.encoder) if args.encoder else default_encoder(root, args.modality)
     dm = datamodule(args, modalities, frames)
     clips = len(dm.clips)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmfsar.errors import DataError
+from mmfsar.errors import ConfigError, DataError
 from mmfsar.data.meta import DatasetFolder
 from mmfsar.data.transforms import (
     ClipAugmentation,
@@ -90,7 +90,7 @@ def test_min_frames_is_an_error_naming_the_clip():
         UniformSegments(8, min_frames=6)(10, 15, jitter=False, clip_id="target_arm_wave_004")
     # exactly min_frames is fine: 5 frames, centres (2k + 1) * 5 / 16 = .31 .94 1.56 2.19 2.81 3.44 4.06 4.69
     np.testing.assert_array_equal(UniformSegments(8, min_frames=5)(10, 15, jitter=False), [10, 10, 11, 12, 12, 13, 14, 14])
-    with pytest.raises(DataError, match="num_frames must be >= 1"):
+    with pytest.raises(ConfigError, match="num_frames must be >= 1"):
         UniformSegments(0)
 
 

@@ -17,7 +17,7 @@ from mmfsar.data.datamodules import (
     TrainingDataModule,
 )
 from mmfsar.data.dataset import UNLABELLED, ClipDataset, ClipViews
-from mmfsar.errors import DataError
+from mmfsar.errors import ConfigError, DataError
 from mmfsar.data.meta import DatasetFolder
 from mmfsar.data.readers import FrameReader
 from mmfsar.data.transforms import ClipAugmentation, SpatialParams, UniformSegments
@@ -162,7 +162,7 @@ def test_stage_defaults(tiny_dataset, make_modalities):
     pre.setup("fit")
     dis.setup("fit")
     assert set(pre.train_dataloader()) == {"source"} and set(dis.train_dataloader()) == {"target"}
-    with pytest.raises(DataError, match="enable labelled_source and/or unlabelled_target"):
+    with pytest.raises(ConfigError, match="enable labelled_source and/or unlabelled_target"):
         training(tiny_dataset, make_modalities, "rgb", labelled_source=False)
 
 
@@ -225,7 +225,7 @@ def test_fewshot_module_uses_only_its_split_and_domain(tiny_dataset, make_modali
         assert len(ids) == 6
         assert {(ann[c]["split"], ann[c]["domain"]) for c in ids} == {(split, domain)}
         assert set(dm.episodes.clip_ids) == set(ids)
-    with pytest.raises(DataError, match="fewshot.split must be 'novel' or 'val', got 'base'"):
+    with pytest.raises(ConfigError, match="fewshot.split must be 'novel' or 'val', got 'base'"):
         fewshot(tiny_dataset, make_modalities, "rgb", split="base")
     dm = fewshot(tiny_dataset, make_modalities, "rgb", domain="studio")
     with pytest.raises(DataError, match=r"no clips of domain\(s\) \['studio'\]"):
@@ -276,12 +276,56 @@ def test_missing_files_fail_before_training_naming_clip_and_file(tiny_dataset_co
     with pytest.raises(DataError) as err:
         dm.setup("fit")
     msg = str(err.value)
-    assert "missing files" in msg
-    assert f"clip 'source_arm_raise_001': flow file not found: {root}/flow/source_arm_raise_001.npy" in msg
-    assert f"clip 'source_arm_swing_002': rgb file not found: {root}/rgb/source_arm_swing_002.mp4" in msg
+    assert "problems with the files" in msg
+    assert f"clip 'source_arm_raise_001', flow: npy: file for video 'source_arm_raise_001' not found: {root}/flow/source_arm_raise_001.npy" in msg
+    assert f"clip 'source_arm_swing_002', rgb: video: file for video 'source_arm_swing_002' not found: {root}/rgb/source_arm_swing_002.mp4" in msg
     dm = fewshot(root, make_modalities, "rgb", "flow")
-    with pytest.raises(DataError, match=r"clip 'target_arm_wave_000': rgb file not found: .*target_arm_wave_000\.mp4"):
+    with pytest.raises(DataError, match=r"clip 'target_arm_wave_000', rgb: .* not found: .*target_arm_wave_000\.mp4"):
         dm.setup()
+
+
+def test_broken_files_fail_before_training_naming_clip_and_file(tiny_dataset_copy, make_modalities):
+    """Truncated, empty or garbage videos, a clip range past the end of its stream and an .npy
+    that is not an array fail in ``setup`` (containers opened, headers read), before any step."""
+    import numpy as np
+
+    root = tiny_dataset_copy
+    video = root / "rgb" / "source_arm_raise_000.mp4"
+    video.write_bytes(video.read_bytes()[:300])  # truncated
+    (root / "rgb" / "source_arm_swing_000.mp4").write_bytes(b"")  # empty
+    (root / "rgb" / "source_arm_circle_out_000.mp4").write_bytes(b"not a video at all" * 50)  # garbage
+    (root / "flow" / "source_arm_swing_001.npy").write_bytes(b"\x93NUMPY garbage")
+    flow = np.load(root / "flow" / "source_arm_circle_out_001.npy")
+    np.save(root / "flow" / "source_arm_circle_out_001.npy", flow[:3])  # shorter than the clip's range
+    dm = training(root, make_modalities, "rgb", "flow")
+    with pytest.raises(DataError) as err:
+        dm.setup("fit")
+    msg = str(err.value)
+    for clip, file in [
+        ("source_arm_raise_000", "rgb/source_arm_raise_000.mp4"),
+        ("source_arm_swing_000", "rgb/source_arm_swing_000.mp4"),
+        ("source_arm_circle_out_000", "rgb/source_arm_circle_out_000.mp4"),
+        ("source_arm_swing_001", "flow/source_arm_swing_001.npy"),
+    ]:
+        assert f"clip {clip!r}" in msg and str(root / file) in msg, (clip, msg)
+    assert f"clip 'source_arm_circle_out_001', flow: frames [" in msg and f"{root}/flow/source_arm_circle_out_001.npy has 3 frames" in msg
+
+
+def test_non_finite_values_are_a_load_error_and_a_validator_problem(tiny_dataset_copy, make_modalities):
+    import numpy as np
+
+    from mmfsar.data.validate import validate_dataset
+
+    root = tiny_dataset_copy
+    path = root / "flow" / "target_arm_lower_000.npy"
+    np.save(path, np.full_like(np.load(path), np.nan))
+    dm = fewshot(root, make_modalities, "flow")
+    dm.setup()
+    position = [r.clip_id for r in dm.clips.records].index("target_arm_lower_000")
+    with pytest.raises(DataError, match=rf"clip 'target_arm_lower_000', flow .*{path} holds NaN or inf values"):
+        dm.clips[position]
+    report = validate_dataset(root, make_modalities("flow"), progress=False)
+    assert any(f"{path} holds NaN or inf values" in p for p in report.problems), report.problems
 
 
 def test_bad_annotations_fail_at_setup_naming_the_problem(tiny_dataset_copy, make_modalities):

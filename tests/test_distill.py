@@ -373,3 +373,16 @@ def test_mm_cdfsl_vit_chain(episode_dataset, tmp_path, wandb_home):
     )
     results = check_results(out, run / "encoder.pt", "LogisticRegressionClassifier")
     assert results["views"] == 2 and results["mask_ratio"] == 0.75
+
+
+def test_partial_validation_in_distillation_is_skipped_with_a_warning(mm_cdfsl_pretrained, episode_dataset, tmp_path, wandb_home):
+    output = run_entry(
+        "lit_main_distill.py",
+        "experiment=mm_cdfsl_tiny/distill",
+        *mm_cdfsl_teachers(mm_cdfsl_pretrained),
+        "+trainer.fast_dev_run=true",
+        f"hydra.run.dir={tmp_path / 'fast'}",
+        *tiny(episode_dataset),
+        home=wandb_home,
+    )
+    assert "val/acc needs every val clip encoded" in output and (tmp_path / "fast" / "encoder.pt").is_file()

@@ -233,9 +233,9 @@ def test_vit_rejects_masks_it_cannot_batch():
 def test_backbones_without_tokens_refuse_masking(build, x):
     model = build()
     assert not model.supports_masking
-    with pytest.raises(ValueError, match="cannot mask"):
+    with pytest.raises(ValueError, match="cannot drop tokens"):
         model(x, mask_ratio=0.75)
-    with pytest.raises(ValueError, match="cannot mask"):
+    with pytest.raises(ValueError, match="cannot drop tokens"):
         model(x, mask=torch.zeros(1, 4, dtype=torch.bool))
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmfsar.data.episodes import EpisodeSampler, EpisodeSet, EpisodeSettings, episode_problems
-from mmfsar.errors import DataError
+from mmfsar.errors import ConfigError, DataError
 from mmfsar.data.meta import DatasetFolder
 
 # 7 classes with 6..12 clips each: clip "c{class}_{k}"; class names sorted != insertion order
@@ -155,7 +155,7 @@ def test_n_way_larger_than_the_classes_is_an_error():
 
 @pytest.mark.parametrize("key", ["n_way", "k_shot", "n_query", "episodes"])
 def test_non_positive_settings_are_errors(key):
-    with pytest.raises(DataError, match=rf"fewshot.{key} must be >= 1, got 0"):
+    with pytest.raises(ConfigError, match=rf"fewshot.{key} must be >= 1, got 0"):
         sampler(**{key: 0})
 
 

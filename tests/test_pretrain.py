@@ -10,6 +10,9 @@ its exports are reused by ``test_distill.py``. Each job trains 2 steps of 4 clip
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ import torch
 import yaml
 from hydra.utils import instantiate
 
-from helpers import MODALITIES, checkpoint, read_wandb_run, run_ddp, run_entry, tiny, val_batch
+from helpers import MODALITIES, REPO_ROOT, checkpoint, read_wandb_run, run_ddp, run_entry, tiny, val_batch
 from mmfsar.models.base import build_encoder, load_export
 
 pytest_plugins = ["conftest_training"]
@@ -171,3 +174,25 @@ def test_ddp_on_two_cpu_processes(case, episode_dataset, tmp_path, wandb_home):
         home=wandb_home,
         train_domain="source",
     )
+
+
+def test_lightning_smoke_test_switches_run_or_are_refused_up_front(episode_dataset, tmp_path, wandb_home):
+    """``+trainer.fast_dev_run=true`` validates on part of the val clips: the episode metric is
+    skipped with one warning instead of failing after training. ``limit_val_batches`` with the
+    checkpoint monitoring val/acc is refused before any training step, saying why; without the
+    monitor it runs with the warning."""
+    common = ["experiment=mm_cdfsl_tiny/pretrain", "modality=flow", *tiny(episode_dataset)]
+    output = run_entry("lit_main_pretrain.py", *common, "+trainer.fast_dev_run=true", f"hydra.run.dir={tmp_path / 'fast'}", home=wandb_home)
+    assert "val/acc needs every val clip encoded and is not computed in this run" in output, output[-3000:]
+    assert (tmp_path / "fast" / "encoder.pt").is_file()
+    output = run_entry(
+        "lit_main_pretrain.py", *common, "++trainer.limit_val_batches=1", "callbacks.model_checkpoint.monitor=null",
+        f"hydra.run.dir={tmp_path / 'unmonitored'}", home=wandb_home,
+    )  # fmt: skip
+    assert "is not computed in this run" in output and (tmp_path / "unmonitored" / "encoder.pt").is_file()
+    proc = subprocess.run(
+        [sys.executable, "lit_main_pretrain.py", *common, "++trainer.limit_val_batches=1", f"hydra.run.dir={tmp_path / 'refused'}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "HYDRA_FULL_ERROR": "1"},
+    )  # fmt: skip
+    assert proc.returncode != 0 and "the checkpoint callback monitors it" in proc.stdout + proc.stderr
+    assert "Epoch 0" not in proc.stdout + proc.stderr, "refused before any training step"

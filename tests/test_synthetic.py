@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from mmfsar.errors import DataError
+from mmfsar.errors import ConfigError, DataError
 from mmfsar.data.meta import DatasetFolder
 from mmfsar.data.synthetic import SyntheticConfig, ensure_synthetic, generate
 from mmfsar.data.synthetic.actions import ACTIONS, JOINTS, SPLIT_OF_ACTION
@@ -268,15 +268,15 @@ def test_incomplete_or_occupied_folders_are_refused(tmp_path):
 
 
 def test_bad_generator_settings():
-    with pytest.raises(DataError, match=r"unknown keys \['colour'\]"):
+    with pytest.raises(ConfigError, match=r"unknown keys \['colour'\]"):
         SyntheticConfig.from_mapping({"colour": "red"})
-    with pytest.raises(DataError, match=r"data.generator.formats.rgb='gif' is not supported"):
+    with pytest.raises(ConfigError, match=r"data.generator.formats.rgb='gif' is not supported"):
         SyntheticConfig.from_mapping({"formats": {"rgb": "gif"}})
-    with pytest.raises(DataError, match=r"unknown domain 'studio'"):
+    with pytest.raises(ConfigError, match=r"unknown domain 'studio'"):
         SyntheticConfig.from_mapping({"domains": ["source", "studio"]})
-    with pytest.raises(DataError, match=r"classes_per_split.val=8: only 7 available"):
+    with pytest.raises(ConfigError, match=r"classes_per_split.val=8: only 7 available"):
         SyntheticConfig.from_mapping({"classes_per_split": {"val": 8}}).classes()
-    with pytest.raises(DataError, match="min_frames <= max_frames"):
+    with pytest.raises(ConfigError, match="min_frames <= max_frames"):
         SyntheticConfig.from_mapping({"min_frames": 30})
     # partial mappings are completed with the defaults
     cfg = SyntheticConfig.from_mapping({"formats": {"rgb": "frames"}, "classes_per_split": {"base": 2}})

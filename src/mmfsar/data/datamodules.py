@@ -7,8 +7,10 @@
 * :class:`FewShotDataModule`: the clips of the **novel** (or, on request, val) classes of one
   domain, plus the episode set over them; used by evaluation only.
 
-Both check, in ``setup``, that every file the selected clips need exists (naming each missing
-clip and file) and that the episodes can be drawn, before any training starts.
+Both check, in ``setup``, that every file the selected clips need exists and opens (each video
+container and ``.npy`` header is read for the stored frame count), that each clip's frame range
+lies within it, and that the episodes can be drawn: before any training step, naming each clip and
+file at fault.
 """
 
 from __future__ import annotations
@@ -22,29 +24,13 @@ from torch.utils.data import DataLoader
 
 from mmfsar.data.dataset import ClipDataset, ClipViews
 from mmfsar.data.episodes import EpisodeSampler, EpisodeSet, EpisodeSettings
-from mmfsar.errors import DataError
+from mmfsar.errors import ConfigError, DataError
 from mmfsar.data.meta import ANNOTATION_FILE, ClipRecord, DatasetFolder
 from mmfsar.data.modalities import Modality
 from mmfsar.data.transforms import ClipAugmentation, UniformSegments
+from mmfsar.data.validate import clip_problems
 
 log = logging.getLogger(__name__)
-
-
-def missing_files(records: list[ClipRecord], modalities: Mapping[str, Modality], limit: int = 20) -> list[str]:
-    """Every (clip, modality) whose file or folder does not exist (stat only, no decoding)."""
-    problems = []
-    seen: set[tuple[str, str]] = set()
-    for rec in records:
-        for name, m in modalities.items():
-            if (name, rec.video) in seen:
-                continue
-            seen.add((name, rec.video))
-            path = m.reader.locate(rec.video)
-            if not path.exists():
-                problems.append(f"clip {rec.clip_id!r}: {name} file not found: {path}")
-    if len(problems) > limit:
-        problems = problems[:limit] + [f"... and {len(problems) - limit} more"]
-    return problems
 
 
 class ClipDataModule(L.LightningDataModule):
@@ -76,7 +62,7 @@ class ClipDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if not modalities:
-            raise DataError("no modality selected (config key `modality`)")
+            raise ConfigError("no modality selected (config key `modality`)")
         self.root = Path(root)
         self.modalities = dict(modalities)
         self.frames = frames or UniformSegments()
@@ -115,9 +101,9 @@ class ClipDataModule(L.LightningDataModule):
         return {"num_frames": self.frames.num_frames, **self.modalities[modality].encoder_inputs()}
 
     def _dataset(self, records: list[ClipRecord], *, train: bool, labels: Mapping[str, int] | None) -> ClipDataset:
-        problems = missing_files(records, self.modalities)
+        problems = clip_problems(records, self.modalities, limit=20)
         if problems:
-            raise DataError(f"{self.root}: missing files:\n" + "\n".join(problems))
+            raise DataError(f"{self.root}: {len(problems)}{'+' if len(problems) == 20 else ''} problems with the files:\n" + "\n".join(problems))
         size = self.folder.meta.frame_size
         return ClipDataset(
             records,
@@ -179,7 +165,7 @@ class TrainingDataModule(ClipDataModule):
     ) -> None:
         super().__init__(**kwargs)
         if not (labelled_source or unlabelled_target):
-            raise DataError("data: enable labelled_source and/or unlabelled_target, or there is nothing to train on")
+            raise ConfigError("data: enable labelled_source and/or unlabelled_target, or there is nothing to train on")
         self.labelled_source = labelled_source
         self.unlabelled_target = unlabelled_target
         self.val_domain = val_domain
@@ -292,7 +278,7 @@ class FewShotDataModule(ClipDataModule):
     ) -> None:
         super().__init__(**kwargs)
         if split not in ("novel", "val"):
-            raise DataError(f"fewshot.split must be 'novel' or 'val', got {split!r}")
+            raise ConfigError(f"fewshot.split must be 'novel' or 'val', got {split!r}")
         self.split = split
         self.domain = domain
         self.settings = EpisodeSettings(**(episodes or {}))

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mmfsar.errors import DataError
+from mmfsar.errors import ConfigError, DataError
 
 EPISODE_FORMAT = 1
 
@@ -35,7 +35,7 @@ class EpisodeSettings:
         """``key``: the config node these settings come from, named in the error."""
         for name in ("n_way", "k_shot", "n_query", "episodes"):
             if getattr(self, name) < 1:
-                raise DataError(f"{key}.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{key}.{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def name(self) -> str:

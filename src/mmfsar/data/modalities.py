@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from mmfsar.errors import DataError
+from mmfsar.errors import ConfigError, DataError
 from mmfsar.data.meta import ClipRecord, DatasetFolder, DatasetMeta
 from mmfsar.data.readers import FrameReader
 from mmfsar.data.transforms import SpatialParams, crop_resize, gaussian_heatmaps, transform_keypoints
@@ -87,6 +87,8 @@ class Modality(ABC):
         except DataError as exc:  # name the clip, not only the file
             raise DataError(f"clip {record.clip_id!r}, {self.name}: {exc}") from exc
         problem = self.check_frames(raw)
+        if problem is None and np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():
+            problem = f"{self.reader.locate(record.video)} holds NaN or inf values"
         if problem:
             raise DataError(f"clip {record.clip_id!r}, {self.name} of video {record.video!r}: {problem}")
         return raw
@@ -111,7 +113,7 @@ def build_modalities(configs: Mapping[str, Any]) -> dict[str, Modality]:
     from hydra.utils import instantiate
 
     if not configs:
-        raise DataError("no modality selected (config group `modality`, e.g. modality=rgb)")
+        raise ConfigError("no modality selected (config group `modality`, e.g. modality=rgb)")
     return {name: instantiate(cfg, name=name) for name, cfg in configs.items()}
 
 

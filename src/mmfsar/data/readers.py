@@ -12,7 +12,7 @@ import os
 from abc import ABC, abstractmethod
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -63,6 +63,17 @@ class FrameReader(ABC):
 
     def _missing(self, video: str) -> DataError:
         return DataError(f"{self.format}: file for video {video!r} not found: {self.locate(video)}")
+
+    def _count_numbered(self, video: str, present: Callable[[set[str], int], bool]) -> int:
+        """Frames 0, 1, ... of a folder of numbered files, counted while ``present(names, i)``."""
+        folder = self.locate(video)
+        if not folder.is_dir():
+            raise self._missing(video)
+        names = set(os.listdir(folder))
+        n = 0
+        while present(names, n):
+            n += 1
+        return n
 
 
 class VideoFileReader(FrameReader):
@@ -180,14 +191,7 @@ class ImageFramesReader(FrameReader):
         return self.root / video / self.template.format(index + self.start_index)
 
     def length(self, video: str) -> int:
-        folder = self.locate(video)
-        if not folder.is_dir():
-            raise self._missing(video)
-        names = set(os.listdir(folder))
-        n = 0
-        while self.template.format(n + self.start_index) in names:
-            n += 1
-        return n
+        return self._count_numbered(video, lambda names, i: self.template.format(i + self.start_index) in names)
 
     def read(self, video: str, indices: np.ndarray) -> np.ndarray:
         return np.stack([self._load(self.frame_path(video, int(i))) for i in indices])
@@ -273,14 +277,9 @@ class FlowXYReader(FrameReader):
         return self.root / video / self.template.format(axis=axis, index=index + self.start_index)
 
     def length(self, video: str) -> int:
-        folder = self.locate(video)
-        if not folder.is_dir():
-            raise self._missing(video)
-        names = set(os.listdir(folder))
-        n = 0
-        while all(self.template.format(axis=a, index=n + self.start_index) in names for a in "xy"):
-            n += 1
-        return n
+        return self._count_numbered(
+            video, lambda names, i: all(self.template.format(axis=a, index=i + self.start_index) in names for a in "xy")
+        )
 
     def read(self, video: str, indices: np.ndarray) -> np.ndarray:
         frames = []

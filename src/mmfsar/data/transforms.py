@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmfsar.errors import DataError
+from mmfsar.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class UniformSegments:
 
     def __post_init__(self) -> None:
         if self.num_frames < 1:
-            raise DataError(f"data.frames.num_frames must be >= 1, got {self.num_frames}")
+            raise ConfigError(f"data.frames.num_frames must be >= 1, got {self.num_frames}")
 
     def __call__(
         self, start: int, end: int, *, jitter: bool, clip_id: str = "?", generator: torch.Generator | None = None

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from mmfsar.data.episodes import EpisodeSettings, episode_problems
 from mmfsar.errors import DataError
-from mmfsar.data.meta import ANNOTATION_FILE, DatasetFolder, DatasetMeta, check_records, parse_annotations
+from mmfsar.data.meta import ANNOTATION_FILE, ClipRecord, DatasetFolder, DatasetMeta, check_records, parse_annotations
 from mmfsar.data.modalities import Modality
 from mmfsar.data.transforms import UniformSegments
 
@@ -88,34 +88,8 @@ def validate_dataset(
         except DataError as exc:
             report.problems.append(f"modality {name!r}: {exc}")
     frames = frames or UniformSegments()
-    lengths: dict[tuple[str, str], int | None] = {}
-    short = 0
-    for rec in tqdm(records, desc="validating", unit="clip", disable=not progress):
-        if rec.num_frames < frames.num_frames:
-            short += 1
-        for name, m in usable.items():
-            key = (m.stream, rec.video)
-            if key not in lengths:
-                try:
-                    lengths[key] = m.reader.length(rec.video)
-                except DataError as exc:
-                    lengths[key] = None
-                    report.problems.append(f"clip {rec.clip_id!r}, {name}: {exc}")
-            n = lengths[key]
-            if n is None:
-                continue
-            if rec.end_frame > n:
-                report.problems.append(
-                    f"clip {rec.clip_id!r}, {name}: frames [{rec.start_frame}, {rec.end_frame}) requested "
-                    f"but {m.reader.locate(rec.video)} has {n} frames"
-                )
-                continue
-            if decode:
-                try:
-                    idx = frames(rec.start_frame, rec.end_frame, jitter=False, clip_id=rec.clip_id)
-                    m.load(rec, idx)
-                except DataError as exc:
-                    report.problems.append(str(exc))
+    report.problems += clip_problems(records, usable, frames=frames, decode=decode, progress=progress)
+    short = sum(rec.num_frames < frames.num_frames for rec in records)
     if short:
         report.notes.append(
             f"{short} clips have fewer than {frames.num_frames} frames: their frames are repeated evenly "
@@ -124,6 +98,51 @@ def validate_dataset(
     if episodes is not None:
         report.problems += _episode_problems(records, meta, episodes)
     return report
+
+
+def clip_problems(
+    records: Sequence[ClipRecord],
+    modalities: Mapping[str, Modality],
+    *,
+    frames: UniformSegments | None = None,
+    decode: bool = False,
+    progress: bool = False,
+    limit: int | None = None,
+) -> list[str]:
+    """What is wrong with the files of ``records`` for the bound ``modalities``, one line each:
+    a missing or unreadable file (each video container is opened and each ``.npy`` header read,
+    for the stored frame count), a clip range beyond the stored frames and, with ``decode``, the
+    frames evaluation samples (wrong shape or type, NaN or inf values). ``limit``: stop after that
+    many problems (a pre-training check needs the first few, not a full report)."""
+    frames = frames or UniformSegments()
+    lengths: dict[tuple[str, str], int | None] = {}
+    problems: list[str] = []
+    for rec in tqdm(records, desc="validating", unit="clip", disable=not progress):
+        for name, m in modalities.items():
+            key = (m.stream, rec.video)
+            if key not in lengths:
+                try:
+                    lengths[key] = m.reader.length(rec.video)
+                except DataError as exc:
+                    lengths[key] = None
+                    problems.append(f"clip {rec.clip_id!r}, {name}: {exc}")
+            n = lengths[key]
+            if n is None:
+                continue
+            if rec.end_frame > n:
+                problems.append(
+                    f"clip {rec.clip_id!r}, {name}: frames [{rec.start_frame}, {rec.end_frame}) requested "
+                    f"but {m.reader.locate(rec.video)} has {n} frames"
+                )
+                continue
+            if decode:
+                try:
+                    m.load(rec, frames(rec.start_frame, rec.end_frame, jitter=False, clip_id=rec.clip_id))
+                except DataError as exc:
+                    problems.append(str(exc))
+        if limit is not None and len(problems) >= limit:
+            break
+    return problems
 
 
 def _episode_problems(records: Sequence, meta: DatasetMeta, settings: EpisodeSettings) -> list[str]:

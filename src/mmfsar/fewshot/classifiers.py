@@ -25,16 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = [
-    "EpisodeClassifier",
-    "FinetuneLinearClassifier",
-    "LinearHead",
-    "LogisticRegressionClassifier",
-    "PrototypeClassifier",
-    "check_episode_inputs",
-    "logistic_objective",
-]
-
 
 def check_episode_inputs(support: Tensor, query: Tensor) -> None:
     """Raise ``ValueError`` naming what is wrong with a batch of episodes."""

@@ -177,17 +177,9 @@ def episode_probabilities(
     return out
 
 
-def solve_episodes(
-    classifier: nn.Module,
-    features: Tensor,
-    episodes: Tensor,
-    k_shot: int,
-    *,
-    chunk: int = 1000,
-    progress: Callable[[int], None] | None = None,
-) -> Tensor:
+def solve_episodes(classifier: nn.Module, features: Tensor, episodes: Tensor, k_shot: int, **options: Any) -> Tensor:
     """Per-episode accuracy (E,) in [0, 1]; the arguments of :func:`episode_probabilities`."""
-    probs = episode_probabilities(classifier, features, episodes, k_shot, chunk=chunk, progress=progress)
+    probs = episode_probabilities(classifier, features, episodes, k_shot, **options)
     truth = torch.arange(episodes.shape[1], device=probs.device).view(1, -1, 1)
     return (probs.argmax(-1) == truth).float().mean((1, 2))
 

@@ -43,6 +43,24 @@ class EncoderOutput:
         return replace(self, logits=logits)
 
 
+class UnmaskedBackbone(nn.Module):
+    """Base of the backbones that cannot drop tokens (CNNs, GCNs): the backbone signature of
+    :class:`~mmfsar.models.encoders.VideoViT`, with masking refused; subclasses implement
+    :meth:`encode`."""
+
+    supports_masking = False
+
+    def forward(
+        self, x: torch.Tensor, *, mask: torch.Tensor | None = None, mask_ratio: float = 0.0, return_tokens: bool = False
+    ) -> EncoderOutput:
+        if mask is not None or mask_ratio > 0:
+            raise ValueError(f"{type(self).__name__} cannot drop tokens: masking needs a VideoViT backbone")
+        return self.encode(x, return_tokens=return_tokens)
+
+    def encode(self, x: torch.Tensor, *, return_tokens: bool = False) -> EncoderOutput:  # pragma: no cover
+        raise NotImplementedError
+
+
 class ModalityEncoder(nn.Module):
     """One backbone on one modality of a clip, with an optional base-class classifier head.
 

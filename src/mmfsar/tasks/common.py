@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from mmfsar.errors import ConfigError
 from mmfsar.fewshot import PrototypeClassifier, mean_confidence_interval
 from mmfsar.fewshot.engine import FeatureBank, episode_positions, solve_episodes
 from mmfsar.models.base import EncoderOutput, plain_config
@@ -128,6 +129,23 @@ class TrainingModule(L.LightningModule):
         raise NotImplementedError
 
     # --- validation: encode once, then episodes --------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Refuse, before training, a partial validation whose missing ``val/acc`` a checkpoint
+        callback would need after the first validation (``fast_dev_run`` disables checkpoints)."""
+        trainer = self.trainer
+        if stage != "fit" or trainer.fast_dev_run or not _partial_validation(
+            trainer, len(trainer.datamodule.val_set), trainer.datamodule.eval_batch_size
+        ):
+            return
+        monitors = [c.monitor for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/acc"]
+        if monitors:
+            raise ConfigError(
+                f"trainer.limit_val_batches={trainer.limit_val_batches} validates on part of the val clips, but val/acc "
+                "needs every val clip encoded and the checkpoint callback monitors it: use +trainer.fast_dev_run=true "
+                "for a smoke test, validate less often with trainer.check_val_every_n_epoch, or drop the monitor with "
+                "callbacks.model_checkpoint.monitor=null"
+            )
+
     def validation_features(self, batch: dict[str, Any]) -> EncoderOutput:
         raise NotImplementedError
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,56 +51,80 @@ def _prepare(cfg: DictConfig) -> None:
         L.seed_everything(cfg.seed, workers=True)
 
 
-@task_wrapper
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fit the ``model`` (a training module with a ``build(model_cfg, datamodule)`` classmethod)
-    on the ``data`` module, then export the best checkpoint's encoder to ``encoder.pt``."""
-    _prepare(cfg)
+@dataclass
+class Training:
+    """What a training run is made of, built from the config before anything is trained."""
+
+    datamodule: L.LightningDataModule
+    module: L.LightningModule
+    modalities: dict[str, dict[str, Any]]  # the modality configs the data is read with
+    callbacks: list[L.Callback]  # beyond the ``callbacks`` group (the frozen-output cache)
+
+
+def build_training(cfg: DictConfig) -> Training:
+    """Data and training module from the config (the ``model`` target's ``build(model_cfg,
+    datamodule)``); every file check and the episode draw happen here, before training."""
     module_cls = get_class(cfg.model._target_)
     modality_cfgs = module_cls.modality_configs(cfg.model, cfg.modalities)
-    modalities = build_modalities(modality_cfgs)
-    datamodule = instantiate(cfg.data, modalities=modalities)
+    datamodule = instantiate(cfg.data, modalities=build_modalities(modality_cfgs))
     datamodule.prepare_data()  # generates the synthetic data on first use (before DDP ranks start)
-    datamodule.setup("fit")  # every file check and the episode draw happen before training
+    datamodule.setup("fit")
     module = module_cls.build(cfg.model, datamodule)
-    cache = [instantiate(cfg.cache)] if cfg.get("cache") else []
-    trainer, loggers = _trainer(cfg, cache)
+    callbacks = [instantiate(cfg.cache)] if cfg.get("cache") else []
+    return Training(datamodule, module, modality_cfgs, callbacks)
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the ``model`` on the ``data`` module, then export the best checkpoint's encoder to
+    ``encoder.pt``."""
+    _prepare(cfg)
+    run = build_training(cfg)
+    trainer, loggers = _trainer(cfg, run.callbacks)
     log.info("training")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if not trainer.is_global_zero:
         return metrics
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    score = trainer.checkpoint_callback.best_model_score if best else None
+    val_acc = float(score) if score is not None else None
     if best:
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state)
-        log.info(f"exporting the best checkpoint ({best}, val/acc {float(trainer.checkpoint_callback.best_model_score):.2f})")
-    encoder, encoder_cfg = module.exported_encoder()
-    path = export_encoder(
-        Path(cfg.paths.output_dir) / "encoder.pt",
-        encoder,
-        encoder_config=encoder_cfg,
-        modalities={m: modality_cfgs[m] for m in encoder.modalities},
-        frames=OmegaConf.to_container(cfg.data.frames, resolve=True),
-        info={
-            "task": cfg.task_name,
-            "dataset": str(cfg.data.root),
-            "checkpoint": best,
-            "val_acc": float(trainer.checkpoint_callback.best_model_score) if best else None,
-            "code_version": code_version(),
-        },
-    )
+        run.module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+        log.info(f"exporting the checkpoint {best} (val/acc {val_acc})")
+    path = export_trained(cfg, run, best_checkpoint=best, val_acc=val_acc)
     log.info(f"exported encoder: {path}")
     for lg in loggers:
         if isinstance(lg, WandbLogger):
             import wandb
 
-            name = f"{cfg.task_name}-{'-'.join(encoder.modalities)}-encoder"  # one artifact per modality of a sweep
-            artifact = wandb.Artifact(name, type="model", metadata={"modalities": encoder.modalities})
+            modalities = run.module.exported_encoder()[0].modalities
+            name = f"{cfg.task_name}-{'-'.join(modalities)}-encoder"  # one artifact per modality of a sweep
+            artifact = wandb.Artifact(name, type="model", metadata={"modalities": modalities})
             artifact.add_file(str(path))
             lg.experiment.log_artifact(artifact)
     metrics["encoder"] = str(path)
     return metrics
+
+
+def export_trained(cfg: DictConfig, run: Training, *, best_checkpoint: str = "", val_acc: float | None = None) -> Path:
+    """``encoder.pt`` of a training run: the module's exported encoder, the configs that rebuild
+    and feed it, and where it came from."""
+    encoder, encoder_cfg = run.module.exported_encoder()
+    return export_encoder(
+        Path(cfg.paths.output_dir) / "encoder.pt",
+        encoder,
+        encoder_config=encoder_cfg,
+        modalities={m: run.modalities[m] for m in encoder.modalities},
+        frames=OmegaConf.to_container(cfg.data.frames, resolve=True),
+        info={
+            "task": cfg.task_name,
+            "dataset": str(cfg.data.root),
+            "checkpoint": best_checkpoint,
+            "val_acc": val_acc,
+            "code_version": code_version(),
+        },
+    )
 
 
 @task_wrapper
@@ -114,25 +139,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     same encoder, data and view settings skips the encoder.
     """
     from mmfsar.fewshot import mean_confidence_interval
-    from mmfsar.tasks.evaluate import FewShotEvalModule, default_chunk
 
-    payload = load_export(cfg.encoder)  # a missing or foreign file fails here, before any work
+    load_export(cfg.encoder)  # a missing or foreign file fails here, before any work
     _prepare(cfg)
-    modalities = build_modalities(payload["modalities"])
-    datamodule = instantiate(cfg.data, modalities=modalities, frames=instantiate(payload["frames"]))
-    datamodule.prepare_data()
-    _check_modalities(cfg.encoder, modalities, Path(cfg.data.root))
-    datamodule.setup("test")  # missing files, impossible episodes, an episode file of other clips
-    fs, episodes = cfg.fewshot, datamodule.episodes
-    module = FewShotEvalModule(
-        encoder=build_encoder(payload),
-        classifier=instantiate(fs.classifier),
-        views=fs.views,
-        mask_ratio=fs.mask_ratio,
-        mask_seed=fs.seed,
-        chunk=fs.get("chunk") or default_chunk(len(episodes)),
-        progress=bool(cfg.trainer.get("enable_progress_bar", True)),
-    )
+    payload, datamodule, module = build_evaluation(cfg)
+    episodes = datamodule.episodes
     encoder_sha256 = file_sha256(cfg.encoder)
     outcome = _solve(cfg, module, datamodule, payload, encoder_sha256)
     if outcome is None:  # a rank other than 0 of a distributed run
@@ -145,6 +156,30 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     _write_results(out_dir, record, accuracy)
     _log_results_wandb(loggers, record, accuracy)
     return record
+
+
+def build_evaluation(cfg: DictConfig) -> tuple[dict[str, Any], L.LightningDataModule, Any]:
+    """The export's payload, the few-shot data module (set up: files checked, episodes drawn)
+    and the evaluation module of an ``eval`` config."""
+    from mmfsar.tasks.evaluate import FewShotEvalModule, default_chunk
+
+    payload = load_export(cfg.encoder)
+    modalities = build_modalities(payload["modalities"])
+    datamodule = instantiate(cfg.data, modalities=modalities, frames=instantiate(payload["frames"]))
+    datamodule.prepare_data()
+    _check_modalities(cfg.encoder, modalities, Path(cfg.data.root))
+    datamodule.setup("test")  # missing files, impossible episodes, an episode file of other clips
+    fs = cfg.fewshot
+    module = FewShotEvalModule(
+        encoder=build_encoder(payload),
+        classifier=instantiate(fs.classifier),
+        views=fs.views,
+        mask_ratio=fs.mask_ratio,
+        mask_seed=fs.seed,
+        chunk=fs.get("chunk") or default_chunk(len(datamodule.episodes)),
+        progress=bool(cfg.trainer.get("enable_progress_bar", True)),
+    )
+    return payload, datamodule, module
 
 
 def _solve(

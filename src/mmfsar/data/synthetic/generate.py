@@ -20,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
-from mmfsar.errors import DataError
+from mmfsar.errors import ConfigError, DataError
 from mmfsar.data.meta import ClassInfo, ClipRecord, DatasetMeta, write_annotations
 from mmfsar.data.readers import quantize_flow
 from mmfsar.data.synthetic.actions import ACTIONS, EDGES, JOINTS, SPLIT_OF_ACTION, animate
@@ -61,7 +61,7 @@ class SyntheticConfig:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(cfg) - known)
         if unknown:
-            raise DataError(f"data.generator: unknown keys {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"data.generator: unknown keys {unknown}; known: {sorted(known)}")
         kw = dict(cfg)
         for k in ("domains", "margin"):
             if k in kw:
@@ -76,13 +76,13 @@ class SyntheticConfig:
     def check(self) -> None:
         for d in self.domains:
             if d not in DOMAINS:
-                raise DataError(f"data.generator.domains: unknown domain {d!r}, known {sorted(DOMAINS)}")
+                raise ConfigError(f"data.generator.domains: unknown domain {d!r}, known {sorted(DOMAINS)}")
         for m, f in self.formats.items():
             if m not in STORAGE or f not in STORAGE[m]:
                 choices = {k: sorted(v) for k, v in STORAGE.items()}
-                raise DataError(f"data.generator.formats.{m}={f!r} is not supported; choices: {choices}")
+                raise ConfigError(f"data.generator.formats.{m}={f!r} is not supported; choices: {choices}")
         if not 1 <= self.min_frames <= self.max_frames:
-            raise DataError("data.generator: need 1 <= min_frames <= max_frames")
+            raise ConfigError("data.generator: need 1 <= min_frames <= max_frames")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -95,7 +95,7 @@ class SyntheticConfig:
             names = [a for a in ACTIONS if SPLIT_OF_ACTION[a] == split]
             n = self.classes_per_split.get(split, len(names))
             if n > len(names):
-                raise DataError(f"data.generator.classes_per_split.{split}={n}: only {len(names)} available")
+                raise ConfigError(f"data.generator.classes_per_split.{split}={n}: only {len(names)} available")
             out += [ClassInfo(a, split) for a in names[:n]]
         return out
 

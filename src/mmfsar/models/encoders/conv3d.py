@@ -15,10 +15,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from mmfsar.models.base import EncoderOutput
+from mmfsar.models.base import EncoderOutput, UnmaskedBackbone
 
 
-class Conv3DEncoder(nn.Module):
+class Conv3DEncoder(UnmaskedBackbone):
     """Stacked Conv3d-BN-ReLU blocks, each halving the spatial size, then global pooling.
 
     Args:
@@ -26,8 +26,6 @@ class Conv3DEncoder(nn.Module):
         widths: output channels of each block (the last one is the feature dimension).
         temporal_strides: temporal stride of each block (their product divides ``num_frames``).
     """
-
-    supports_masking = False
 
     def __init__(
         self,
@@ -55,11 +53,7 @@ class Conv3DEncoder(nn.Module):
         self.net = nn.Sequential(*blocks)
         self.feature_dim = c
 
-    def forward(
-        self, x: torch.Tensor, *, mask: torch.Tensor | None = None, mask_ratio: float = 0.0, return_tokens: bool = False
-    ) -> EncoderOutput:
-        if mask is not None or mask_ratio > 0:
-            raise ValueError("Conv3DEncoder cannot drop tokens: masking needs a VideoViT")
+    def encode(self, x: torch.Tensor, *, return_tokens: bool = False) -> EncoderOutput:
         expected = (self.in_channels, self.num_frames, self.img_size, self.img_size)
         if x.ndim != 5 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"Conv3DEncoder expects clips (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")

@@ -13,7 +13,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from mmfsar.models.base import EncoderOutput
+from mmfsar.models.base import EncoderOutput, UnmaskedBackbone
 from mmfsar.models.encoders.pretrained import create_timm_model, pooled_feature_dim
 
 
@@ -58,7 +58,7 @@ TEMPORAL_POOLS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-class FrameCNN(nn.Module):
+class FrameCNN(UnmaskedBackbone):
     """A timm 2-D model on every frame; ``frames`` are per-frame features, ``pooled`` their mean.
 
     Args:
@@ -73,8 +73,6 @@ class FrameCNN(nn.Module):
             by a small temporal transformer before the mean).
         temporal_layers, temporal_heads: size of that transformer.
     """
-
-    supports_masking = False
 
     def __init__(
         self,
@@ -104,19 +102,8 @@ class FrameCNN(nn.Module):
             self.feature_dim, num_frames=num_frames, layers=temporal_layers, heads=temporal_heads
         )
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        mask: torch.Tensor | None = None,
-        mask_ratio: float = 0.0,
-        return_tokens: bool = False,
-    ) -> EncoderOutput:
+    def encode(self, x: torch.Tensor, *, return_tokens: bool = False) -> EncoderOutput:
         """Encode ``(B, C, T, H, W)`` clips; ``tokens`` (if asked) are the per-frame features."""
-        if mask is not None or mask_ratio > 0:
-            raise ValueError(
-                "FrameCNN cannot mask tokens; use a VideoViT backbone for masked inference"
-            )
         expected = (self.in_channels, self.img_size, self.img_size)
         if x.ndim != 5 or (x.shape[1], x.shape[3], x.shape[4]) != expected:
             raise ValueError(

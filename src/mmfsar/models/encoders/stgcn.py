@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mmfsar.models.base import EncoderOutput
+from mmfsar.models.base import EncoderOutput, UnmaskedBackbone
 
 
 def _validated_edges(num_joints: int, edges: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
@@ -133,7 +133,7 @@ class STGCNBlock(nn.Module):
         return self.relu(self.tcn(self.gcn(x)) + self.residual(x))
 
 
-class STGCN(nn.Module):
+class STGCN(UnmaskedBackbone):
     """Spatial-temporal graph convolutional network on keypoint sequences.
 
     Args:
@@ -148,8 +148,6 @@ class STGCN(nn.Module):
     strides``, rounded up); a 5-D input ``(B, C, T, J, M)`` (NTU layout, M persons) is encoded
     person by person and averaged over persons.
     """
-
-    supports_masking = False
 
     def __init__(
         self,
@@ -194,19 +192,8 @@ class STGCN(nn.Module):
             )
         )
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        *,
-        mask: torch.Tensor | None = None,
-        mask_ratio: float = 0.0,
-        return_tokens: bool = False,
-    ) -> EncoderOutput:
+    def encode(self, x: torch.Tensor, *, return_tokens: bool = False) -> EncoderOutput:
         """Encode ``(B, C, T, J)`` keypoints; ``tokens`` (if asked) are ``(B, T'*J, D)`` joints."""
-        if mask is not None or mask_ratio > 0:
-            raise ValueError(
-                "STGCN cannot mask tokens; use a VideoViT backbone for masked inference"
-            )
         if x.ndim not in (4, 5) or x.shape[1] != self.in_channels or x.shape[3] != self.num_joints:
             raise ValueError(
                 f"STGCN expects keypoints (B, {self.in_channels}, T, {self.num_joints}) "
