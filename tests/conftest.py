@@ -40,6 +40,10 @@ TINY_SETTINGS = dict(seed=0, clips_per_class=3, classes_per_split={"base": 3, "v
 EPISODE_SETTINGS = dict(
     seed=0, clips_per_class=6, classes_per_split={"base": 3, "val": 5, "novel": 5}, min_frames=8, max_frames=12
 )
+TASK_SETTINGS = dict(
+    seed=0, clips_per_class=6, domains=("source",), classes_per_split={"base": 10, "val": 5, "novel": 2}, min_frames=8,
+    max_frames=12,
+)
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +86,13 @@ def episode_dataset(datasets_dir: Path, episode_config: SyntheticConfig) -> Path
     """156 clips (3/5/5 classes x 2 domains x 6), default formats: 5-way 1-shot 5-query
     episodes over val or novel classes of either domain. Read-only."""
     return generate(episode_config, datasets_dir / "episodes", workers=2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def task_dataset(datasets_dir: Path) -> Path:
+    """102 source-domain clips (10/5/2 classes x 6): enough base classes for 5-way training tasks
+    that do not repeat one set of classes. Read-only."""
+    return generate(SyntheticConfig(**TASK_SETTINGS), datasets_dir / "tasks", workers=2, progress=False)
 
 
 @pytest.fixture

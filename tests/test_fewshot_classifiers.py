@@ -113,12 +113,12 @@ def test_prototype_accuracy_matches_a_hand_computation():
         [at("b1"), at("b2"), at("qb1"), at("qb1")],
     ]
     episodes = torch.tensor([episode0, episode1])
-    accuracy = solve_episodes(PrototypeClassifier("euclidean"), bank(features), episodes, k_shot=2)
+    accuracy = solve_episodes(PrototypeClassifier(metric="euclidean"), bank(features), episodes, k_shot=2)
     assert accuracy.tolist() == pytest.approx([5 / 6, 1.0])
-    probs = episode_probabilities(PrototypeClassifier("euclidean"), bank(features), episodes, k_shot=2)
+    probs = episode_probabilities(PrototypeClassifier(metric="euclidean"), bank(features), episodes, k_shot=2)
     squared = torch.tensor([[9 + 9, 9 + 1, 4 + 4]], dtype=torch.float32)  # qb2 to A, B, C
     assert torch.allclose(probs[0, 1, 1], torch.softmax(-squared, -1)[0], atol=1e-6)
-    logits = PrototypeClassifier("euclidean", temperature=2.0)(*split(features, episodes, 2))
+    logits = PrototypeClassifier(metric="euclidean", temperature=2.0)(*split(features, episodes, 2))
     assert torch.allclose(logits[0, 3], -squared[0] / 2)  # qb2 is query 3 of episode 0
 
 
@@ -126,7 +126,7 @@ def test_prototype_cosine_logits_average_frames():
     generator = torch.Generator().manual_seed(0)
     support = torch.randn(4, 3, 2, 5, 8, generator=generator)  # (E, N, K, T, D)
     query = torch.randn(4, 5, 5, 8, generator=generator)
-    logits = PrototypeClassifier("cosine", temperature=0.1)(support, query)
+    logits = PrototypeClassifier(metric="cosine", temperature=0.1)(support, query)
     prototypes = support.mean(3).mean(2)
     cosine = torch.nn.functional.cosine_similarity(query.mean(2)[:, :, None], prototypes[:, None], dim=-1)
     assert torch.allclose(logits, cosine / 0.1, atol=1e-5)
@@ -234,7 +234,7 @@ def test_averaging_query_views_changes_the_prediction():
         ]
     )[:, :, None]
     episodes = torch.tensor([[[0, 3], [1, 2]]])
-    classifier = PrototypeClassifier("euclidean")
+    classifier = PrototypeClassifier(metric="euclidean")
     assert solve_episodes(classifier, views[:, :1], episodes, k_shot=1).item() == 0.5
     assert solve_episodes(classifier, views, episodes, k_shot=1).item() == 1.0
     probs = episode_probabilities(classifier, views, episodes, k_shot=1)
@@ -259,7 +259,7 @@ def test_finetune_prototype_init_without_steps_is_the_prototype_classifier():
     features = structured_features(classes=8, per_class=10, dim=32, spread=3.0, seed=8).float()
     episodes = random_episodes(8, 10, n_way=5, k_shot=3, n_query=5, count=10, seed=8)
     untrained = episode_probabilities(FinetuneLinearClassifier(steps=0, normalize=False), bank(features), episodes, 3)
-    prototype = episode_probabilities(PrototypeClassifier("euclidean"), bank(features), episodes, 3)
+    prototype = episode_probabilities(PrototypeClassifier(metric="euclidean"), bank(features), episodes, 3)
     assert torch.allclose(untrained, prototype, atol=1e-5)
 
 
@@ -288,7 +288,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="3 episodes but query has 2"):
         classifier(support, query[:2])
     with pytest.raises(ValueError, match="at least 2 ways"):
-        classifier(support[:, :1], query)
+        LogisticRegressionClassifier()(support[:, :1], query)
     with pytest.raises(ValueError, match="NaN"):
         LogisticRegressionClassifier()(support.index_put((torch.tensor([1]),), torch.tensor(float("nan"))), query)
 
@@ -315,7 +315,7 @@ def test_configs_instantiate_their_classifier(name, cls):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    classifier = instantiate(OmegaConf.load(CONFIGS / f"{name}.yaml"))
+    classifier = instantiate(OmegaConf.load(CONFIGS / f"{name}.yaml"))(dim=16, num_frames=1)
     assert type(classifier) is cls
     features = structured_features(classes=6, per_class=8, dim=16, spread=0.1, seed=10).float()
     episodes = random_episodes(6, 8, n_way=3, k_shot=2, n_query=3, count=4, seed=10)

@@ -23,7 +23,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from mmfsar.data.dataset import ClipDataset, ClipViews
-from mmfsar.data.episodes import EpisodeSampler, EpisodeSet, EpisodeSettings
+from mmfsar.data.episodes import EpisodeSampler, EpisodeSet, EpisodeSettings, TaskDataset, TaskSampler
 from mmfsar.errors import ConfigError, DataError
 from mmfsar.data.meta import ANNOTATION_FILE, ClipRecord, DatasetFolder
 from mmfsar.data.modalities import Modality
@@ -149,6 +149,10 @@ class TrainingDataModule(ClipDataModule):
         unlabelled_target: train on target-domain clips of the base classes, without labels.
         val_domain: domain of the validation clips (val classes).
         val_episodes: episode settings for validation (n_way, k_shot, n_query, episodes, seed).
+        train_episodes: episodic training (``model.episodes``): each training batch is one N-way
+            K-shot Q-query task (n_way, k_shot, n_query, ``episodes`` = tasks per epoch, seed) of
+            labelled source clips of the base classes (:class:`~mmfsar.data.episodes.TaskDataset`),
+            sharded over DDP ranks by task; None: batches of clips.
 
     The train loader yields ``{"source": batch, "target": batch}`` (whichever are enabled,
     cycling the shorter one).
@@ -161,16 +165,22 @@ class TrainingDataModule(ClipDataModule):
         unlabelled_target: bool = False,
         val_domain: str = "target",
         val_episodes: Mapping[str, int] | None = None,
+        train_episodes: Mapping[str, int] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if train_episodes is not None and (unlabelled_target or not labelled_source):
+            raise ConfigError("episodic training (model.episodes) draws tasks from labelled source clips: "
+                              "set data.labelled_source=true and data.unlabelled_target=false")  # fmt: skip
         if not (labelled_source or unlabelled_target):
             raise ConfigError("data: enable labelled_source and/or unlabelled_target, or there is nothing to train on")
         self.labelled_source = labelled_source
         self.unlabelled_target = unlabelled_target
         self.val_domain = val_domain
         self.val_settings = EpisodeSettings(**(val_episodes or {"n_way": 5, "k_shot": 1, "n_query": 5, "episodes": 200}))
+        self.task_settings = EpisodeSettings(**train_episodes) if train_episodes is not None else None
         self.train_sets: dict[str, ClipDataset] = {}
+        self.tasks: TaskDataset | None = None
         self.val_set: ClipDataset | None = None
         self.val_episodes: EpisodeSet | None = None
 
@@ -188,6 +198,11 @@ class TrainingDataModule(ClipDataModule):
             if not recs:
                 raise DataError(f"{self.root}: no base-class clips in domain {self.source_domain!r}")
             self.train_sets["source"] = self._dataset(recs, train=True, labels=labels)
+            if self.task_settings is not None:  # a class too small for the tasks fails here, named
+                try:
+                    self.tasks = TaskDataset(self.train_sets["source"], [r.label_name for r in recs], self.task_settings)
+                except DataError as exc:
+                    raise DataError(f"training tasks, base classes of domain {self.source_domain!r} ({self.root}): {exc}") from None
         if self.unlabelled_target:
             recs = folder.select(splits=["base"], domains=[self.target_domain])
             if not recs:
@@ -243,7 +258,22 @@ class TrainingDataModule(ClipDataModule):
         )
 
     def train_dataloader(self) -> dict[str, DataLoader]:
-        return {k: self._loader(ds, train=True) for k, ds in self.train_sets.items()}
+        if self.tasks is None:
+            return {k: self._loader(ds, train=True) for k, ds in self.train_sets.items()}
+        trainer = self.trainer
+        sampler = TaskSampler(
+            self.task_settings.episodes,
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+        )
+        loader = DataLoader(
+            self.tasks,
+            sampler=sampler,
+            batch_size=None,  # an item is a whole task
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+        return {"source": loader}
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)

@@ -13,10 +13,11 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset, DistributedSampler, default_collate
 
 from mmfsar.errors import ConfigError, DataError
 
@@ -183,8 +184,12 @@ class EpisodeSampler:
 
     def episode(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         """(classes (N,), clips (N, K+Q)) of episode ``e``."""
+        return self.draw(np.random.default_rng([self.settings.seed, e]))
+
+    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(classes (N,), clips (N, K+Q)) of one episode drawn from ``rng``: N distinct classes in
+        sorted order, K + Q distinct clips of each (positions in the sorted clip ids)."""
         s = self.settings
-        rng = np.random.default_rng([s.seed, e])
         classes = np.sort(rng.choice(len(self.class_names), size=s.n_way, replace=False))
         clips = np.stack([rng.choice(self.members[c], size=s.k_shot + s.n_query, replace=False) for c in classes])
         return classes, clips
@@ -218,3 +223,61 @@ def episode_problems(clips_per_class: dict[str, int], settings: EpisodeSettings,
                 f"{settings.k_shot} + {settings.n_query} = {need}"
             )
     return problems
+
+
+class TaskSampler(DistributedSampler):
+    """The training tasks of one epoch on one rank, as ``(epoch, task number)`` keys of a
+    :class:`TaskDataset`: numbers ``rank, rank + W, ...`` of ``tasks`` per epoch (rounded down to
+    a multiple of the world size, so every rank takes as many steps). A task is a function of
+    ``(seed, epoch, number)`` alone: the same tasks whatever the number of processes or workers,
+    and a run resumed at an epoch draws that epoch's tasks again. Lightning calls
+    :meth:`set_epoch` every epoch. It is a ``DistributedSampler`` so that Lightning keeps it
+    instead of wrapping the loader in one (it shards by itself)."""
+
+    def __init__(self, tasks: int, *, rank: int = 0, world_size: int = 1) -> None:  # noqa: D107 - no super().__init__
+        if tasks < world_size:
+            raise ValueError(f"{tasks} tasks per epoch cannot be shared by {world_size} processes")
+        self.tasks, self.rank, self.world_size, self.epoch = tasks, rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        count = self.tasks - self.tasks % self.world_size
+        return iter([(self.epoch, number) for number in range(self.rank, count, self.world_size)])
+
+    def __len__(self) -> int:
+        return self.tasks // self.world_size
+
+
+class TaskDataset(Dataset):
+    """N-way K-shot Q-query training tasks over the clips of a dataset (``clips``, a
+    :class:`~mmfsar.data.dataset.ClipDataset`): item ``(epoch, number)`` is one task, every clip
+    loaded and stacked way by way, each way's K support clips then its Q queries (the layout of
+    :attr:`EpisodeSet.tensor`), drawn from ``(settings.seed, epoch, number)``."""
+
+    def __init__(self, clips: Dataset, class_of_clip: Sequence[str], settings: EpisodeSettings) -> None:
+        clip_ids = [r.clip_id for r in clips.records]
+        self.clips = clips
+        self.sampler = EpisodeSampler(clip_ids, class_of_clip, settings, key="model.episodes")
+        where = {c: i for i, c in enumerate(clip_ids)}
+        self.rows = np.array([where[c] for c in self.sampler.clip_ids])  # sampler positions -> dataset rows
+
+    def positions(self, epoch: int, number: int) -> np.ndarray:
+        """(N, K+Q) dataset rows of a task."""
+        _, clips = self.sampler.draw(np.random.default_rng([self.sampler.settings.seed, epoch, number]))
+        return self.rows[clips]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        return default_collate([self.clips[int(i)] for i in self.positions(*key).reshape(-1)])
+
+
+def split_task(features: torch.Tensor, settings: EpisodeSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A task's clips (N·(K+Q), ...) in :class:`TaskDataset`'s layout -> support (1, N, K, ...),
+    query (1, N·Q, ...) and each query's way (N·Q,): the inputs of a few-shot classifier."""
+    n, k, q = settings.n_way, settings.k_shot, settings.n_query
+    if features.shape[0] != n * (k + q):
+        raise ValueError(f"a {n}-way {k}-shot {q}-query task has {n * (k + q)} clips, got {features.shape[0]}")
+    per_way = features.reshape(n, k + q, *features.shape[1:])
+    target = torch.arange(n, device=features.device).repeat_interleave(q)
+    return per_way[:, :k][None], per_way[:, k:].reshape(n * q, *features.shape[1:])[None], target

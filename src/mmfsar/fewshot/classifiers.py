@@ -16,9 +16,11 @@ A classifier is a plug-in: one class and one file under ``configs/fewshot/classi
 
 from __future__ import annotations
 
+import numbers
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -26,42 +28,93 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def check_episode_inputs(support: Tensor, query: Tensor) -> None:
-    """Raise ``ValueError`` naming what is wrong with a batch of episodes."""
-    if support.dim() != 5:
-        raise ValueError(f"support must be (episodes, ways, shots, time, dim), got shape {tuple(support.shape)}")
-    if query.dim() != 4:
-        raise ValueError(f"query must be (episodes, queries, time, dim), got shape {tuple(query.shape)}")
+def _positive_int(value: object, name: str, *, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _positive_float(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    return float(value)
+
+
+def check_episode_inputs(
+    support: Tensor,
+    query: Tensor,
+    *,
+    dim: int | None = None,
+    num_frames: int | None = None,
+    who: str = "few-shot classifier",
+) -> None:
+    """Raise ``ValueError`` naming what is wrong with a batch of episodes.
+
+    support must be (E, N, K, T, D) and query (E, Q, T, D), floating point, no size zero, with E,
+    T and D shared; ``dim`` / ``num_frames``, when given, are the D and T the classifier was built for.
+    """
+    if not isinstance(support, Tensor) or support.dim() != 5:
+        shape = tuple(support.shape) if isinstance(support, Tensor) else type(support).__name__
+        raise ValueError(f"{who}: support must be (episodes, ways, shots, frames, dim), got {shape}")
+    if not isinstance(query, Tensor) or query.dim() != 4:
+        shape = tuple(query.shape) if isinstance(query, Tensor) else type(query).__name__
+        raise ValueError(f"{who}: query must be (episodes, queries, frames, dim), got {shape}")
+    s_shape, q_shape = tuple(support.shape), tuple(query.shape)
     if not (support.is_floating_point() and query.is_floating_point()):
-        raise ValueError(f"features must be floating point, got {support.dtype} and {query.dtype}")
-    if support.shape[0] != query.shape[0]:
-        raise ValueError(f"support has {support.shape[0]} episodes but query has {query.shape[0]}")
-    if support.shape[-1] != query.shape[-1]:
-        raise ValueError(f"support features are {support.shape[-1]}-d but query features are {query.shape[-1]}-d")
-    if support.shape[1] < 2:
-        raise ValueError(f"an episode needs at least 2 ways, got {support.shape[1]}")
-    if 0 in support.shape or 0 in query.shape:
-        raise ValueError(f"empty episodes: support {tuple(support.shape)}, query {tuple(query.shape)}")
+        raise ValueError(f"{who}: support and query must be floating point, got {support.dtype} and {query.dtype}")
+    if 0 in s_shape or 0 in q_shape:
+        raise ValueError(f"{who}: every size must be >= 1, got support {s_shape} and query {q_shape}")
+    if q_shape[0] != s_shape[0]:
+        raise ValueError(f"{who}: support has {s_shape[0]} episodes but query has {q_shape[0]} ({s_shape} vs {q_shape})")
+    if q_shape[2] != s_shape[3]:
+        raise ValueError(f"{who}: support has {s_shape[3]} frames but query has {q_shape[2]} ({s_shape} vs {q_shape})")
+    if q_shape[3] != s_shape[4]:
+        raise ValueError(f"{who}: support features are {s_shape[4]}-d but query features are {q_shape[3]}-d")
+    if dim is not None and s_shape[4] != dim:
+        raise ValueError(f"{who} was built for {dim}-d features, got {s_shape[4]}-d (support {s_shape})")
+    if num_frames is not None and s_shape[3] != num_frames:
+        raise ValueError(f"{who} was built for {num_frames} frames, got {s_shape[3]} (support {s_shape})")
 
 
-class EpisodeClassifier(nn.Module):
-    """Base of the few-shot classifiers: checks the inputs, then :meth:`logits`.
+class EpisodeClassifier(nn.Module, ABC):
+    """Base of the few-shot classifiers: support (E, N, K, T, D), query (E, Q, T, D) -> logits
+    (E, Q, N), batched over episodes, the inputs checked first.
 
-    ``uses_frames``: the classifier compares clips time step by time step, so the caller must give
-    per-frame features (T > 1); otherwise it gets pooled clip features (T = 1).
+    ``uses_frames``: True when the classifier compares clips frame by frame and needs per-frame
+    features; False when pooled features (T = 1) are enough, so the caller may keep one vector per
+    clip. ``dim`` / ``num_frames``: what it was built for. Every classifier takes them (keyword-only;
+    configs are ``_partial_`` and completed with the encoder's sizes by :func:`build_classifier`),
+    those with parameters need them (TRX), and inputs are checked against them when given.
     """
 
     uses_frames: bool = False
 
+    def __init__(self, *, dim: int | None = None, num_frames: int | None = None) -> None:
+        super().__init__()
+        self.dim = _positive_int(dim, "dim", allow_none=True)
+        self.num_frames = _positive_int(num_frames, "num_frames", allow_none=True)
+
     def forward(self, support: Tensor, query: Tensor) -> Tensor:
-        check_episode_inputs(support, query)
-        return self.logits(support, query)
+        check_episode_inputs(
+            support,
+            query,
+            dim=self.dim,
+            num_frames=self.num_frames if self.uses_frames else None,
+            who=type(self).__name__,
+        )
+        return self._logits(support, query)
 
-    def logits(self, support: Tensor, query: Tensor) -> Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _logits(self, support: Tensor, query: Tensor) -> Tensor:
+        """Same contract as :meth:`forward`, on inputs already checked."""
 
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "training")
+
+def build_classifier(factory: Callable[..., EpisodeClassifier], *, dim: int, num_frames: int) -> EpisodeClassifier:
+    """A classifier from its config's partial (``instantiate(cfg.fewshot.classifier)``), for
+    features of size ``dim`` with ``num_frames`` time steps."""
+    return factory(dim=dim, num_frames=num_frames)
 
 
 def _pooled(x: Tensor) -> Tensor:
@@ -70,36 +123,45 @@ def _pooled(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-def _class_means(x: Tensor) -> Tensor:
-    """(E, N, K, D) -> (E, N, D) mean support feature of each way."""
-    return x.mean(2)
-
-
 class PrototypeClassifier(EpisodeClassifier):
-    """Nearest centroid (ProtoNet-style) on clip features: each way is the mean p of its shots.
+    """Nearest centroid (ProtoNet, Snell et al., NeurIPS 2017) on time-pooled features.
 
-    ``metric="euclidean"``: logits = −‖q − p‖² / temperature; ``metric="cosine"``:
-    cos(q, p) / temperature. The temperature never changes one view's predicted class, but it sets
-    how sharply query views are weighted when their probabilities are averaged (ensemble masked
-    inference). Frame features, if given, are averaged over time first.
+    A clip is the mean of its T feature vectors (with T = 1: exactly the pooled feature); a class
+    prototype p is the mean of its K clips; logits are ``-‖q - p‖² / temperature``
+    (``metric="euclidean"``) or ``cos(q, p) / temperature``. The temperature never changes one
+    view's predicted class, but it sets how sharply query views are weighted when their
+    probabilities are averaged (ensemble masked inference). The baseline every temporal head must beat.
     """
 
-    def __init__(self, metric: Literal["cosine", "euclidean"] = "euclidean", temperature: float = 1.0) -> None:
-        super().__init__()
+    def __init__(
+        self,
+        *,
+        metric: Literal["cosine", "euclidean"] = "euclidean",
+        temperature: float = 1.0,
+        dim: int | None = None,
+        num_frames: int | None = None,
+    ) -> None:
+        super().__init__(dim=dim, num_frames=num_frames)
         if metric not in ("cosine", "euclidean"):
             raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.metric = metric
-        self.temperature = float(temperature)
+        self.temperature = _positive_float(temperature, "temperature")
 
-    def logits(self, support: Tensor, query: Tensor) -> Tensor:
-        prototypes, q = _class_means(_pooled(support)), _pooled(query)
+    def _logits(self, support: Tensor, query: Tensor) -> Tensor:
+        prototypes, queries = _pooled(support).mean(2), _pooled(query)
         if self.metric == "cosine":
-            return F.normalize(q, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(1, 2) / self.temperature
-        # -‖q − p‖² expanded; the ‖q‖² term is common to all ways but kept so the logits are the distances
-        sq = q.square().sum(-1, keepdim=True) - 2 * q @ prototypes.transpose(1, 2) + prototypes.square().sum(-1)[:, None]
-        return -sq / self.temperature
+            return F.normalize(queries, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(1, 2) / self.temperature
+        # ‖q‖² - 2 q·p + ‖p‖² keeps memory at (E, Q, N) instead of (E, Q, N, D)
+        squared = torch.baddbmm(
+            queries.square().sum(-1, keepdim=True) + prototypes.square().sum(-1).unsqueeze(1),
+            queries,
+            prototypes.transpose(1, 2),
+            alpha=-2,
+        )
+        return -squared.clamp_min(0) / self.temperature
+
+    def extra_repr(self) -> str:
+        return f"metric={self.metric!r}, temperature={self.temperature}"
 
 
 @dataclass(frozen=True)
@@ -125,7 +187,10 @@ class LinearHead:
 
 
 def _support_matrix(support: Tensor) -> tuple[Tensor, Tensor]:
-    """(E, N, K, T, D) -> support rows (E, N·K, D) and their way labels (E, N·K)."""
+    """(E, N, K, T, D) -> support rows (E, N·K, D) and their way labels (E, N·K), for the
+    classifiers fitted on the support (at least two ways)."""
+    if support.shape[1] < 2:
+        raise ValueError(f"a classifier fitted on the support needs at least 2 ways, got support {tuple(support.shape)}")
     x = _pooled(support)
     episodes, n_way, k_shot, dim = x.shape
     labels = torch.arange(n_way, device=x.device).repeat_interleave(k_shot).expand(episodes, -1)
@@ -196,14 +261,17 @@ class LogisticRegressionClassifier(EpisodeClassifier):
 
     def __init__(
         self,
+        *,
         C: float = 1.0,
         solver: Literal["newton", "sklearn"] = "newton",
         tol: float | None = None,
         max_iter: int = 100,
         normalize: bool = False,
         n_jobs: int | None = None,
+        dim: int | None = None,
+        num_frames: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(dim=dim, num_frames=num_frames)
         if C <= 0:
             raise ValueError(f"C must be > 0, got {C}")
         if solver not in ("newton", "sklearn"):
@@ -219,7 +287,7 @@ class LogisticRegressionClassifier(EpisodeClassifier):
         self.normalize = bool(normalize)
         self.n_jobs = n_jobs
 
-    def logits(self, support: Tensor, query: Tensor) -> Tensor:
+    def _logits(self, support: Tensor, query: Tensor) -> Tensor:
         x, labels = _support_matrix(support)
         return torch.log_softmax(self.fit(x, labels, support.shape[1]).logits(_pooled(query)), -1)
 
@@ -364,13 +432,16 @@ class FinetuneLinearClassifier(EpisodeClassifier):
 
     def __init__(
         self,
+        *,
         steps: int = 100,
         lr: float = 0.01,
         weight_decay: float = 0.0,
         init: Literal["prototype", "zeros"] = "prototype",
         normalize: bool = True,
+        dim: int | None = None,
+        num_frames: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(dim=dim, num_frames=num_frames)
         if steps < 0:
             raise ValueError(f"steps must be >= 0, got {steps}")
         if lr <= 0:
@@ -385,7 +456,7 @@ class FinetuneLinearClassifier(EpisodeClassifier):
         self.init = init
         self.normalize = bool(normalize)
 
-    def logits(self, support: Tensor, query: Tensor) -> Tensor:
+    def _logits(self, support: Tensor, query: Tensor) -> Tensor:
         x, labels = _support_matrix(support)
         return self.fit(x, labels, support.shape[1]).logits(_pooled(query))
 

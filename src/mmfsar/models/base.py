@@ -105,13 +105,17 @@ def export_encoder(
     modalities: Mapping[str, Mapping[str, Any]],
     frames: Mapping[str, Any],
     info: Mapping[str, Any] | None = None,
+    classifier: nn.Module | None = None,
+    classifier_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save a clip encoder with everything needed to rebuild it and feed it.
 
     ``encoder_config`` is a Hydra config (with ``_target_``) that builds ``encoder`` exactly
     (its ``pretrained`` weight-file paths are cleared: the trained weights are in the file);
-    ``modalities`` / ``frames`` are the configs of the input pipeline it was trained with. The
-    file holds only tensors and plain containers, so ``torch.load(weights_only=True)`` reads it.
+    ``modalities`` / ``frames`` are the configs of the input pipeline it was trained with. A
+    ``classifier`` trained with the encoder (an episodic run's matching head), with the config that
+    rebuilds it, goes into the file too, and evaluation uses it (:func:`build_exported_classifier`).
+    The file holds only tensors and plain containers, so ``torch.load(weights_only=True)`` reads it.
     Written atomically (a temporary file renamed into place).
     """
     path = Path(path)
@@ -126,6 +130,11 @@ def export_encoder(
         "info": plain_config(info or {}),
         "state_dict": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
     }
+    if classifier is not None:
+        payload["classifier"] = {
+            "config": plain_config(classifier_config),
+            "state_dict": {k: v.detach().cpu() for k, v in classifier.state_dict().items()},
+        }
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -160,6 +169,18 @@ def build_encoder(payload: Mapping[str, Any] | str | Path) -> nn.Module:
     if missing or unexpected:
         raise ValueError(f"encoder weights do not fit its config: missing {missing}, unexpected {unexpected}")
     return encoder
+
+
+def build_exported_classifier(payload: Mapping[str, Any]) -> nn.Module | None:
+    """The few-shot classifier an export carries (an episodic run's matching head), or None."""
+    from hydra.utils import instantiate
+
+    entry = payload.get("classifier")
+    if entry is None:
+        return None
+    classifier = instantiate(entry["config"], _convert_="all")
+    classifier.load_state_dict(entry["state_dict"])
+    return classifier.eval()
 
 
 def given(paths: Mapping[str, str | None] | None) -> dict[str, str]:

@@ -40,13 +40,12 @@ def modality_encoder_config(
     return cfg
 
 
-def probe_frames(encoder: nn.Module, datamodule: Any) -> int:
-    """Number of per-frame features T' the encoder produces on this data (one clip)."""
-    item = datamodule.val_set[0]
+def probe_frames(encoder: nn.Module, clip: Mapping[str, Any]) -> int:
+    """Number of per-frame features T' the encoder produces on a clip (a dataset item)."""
     was = encoder.training
     encoder.eval()
     with torch.no_grad():
-        t = encoder({m: item[m][None] for m in encoder.modalities}).frames.shape[1]
+        t = encoder({m: clip[m][None] for m in encoder.modalities}).frames.shape[1]
     encoder.train(was)
     return t
 
@@ -117,6 +116,14 @@ class TrainingModule(L.LightningModule):
         Modules built on exported encoders override this to add the modalities those were
         trained on, with the exact input pipeline stored in the export."""
         return plain_config(modalities) or {}
+
+    def exported_encoder(self) -> tuple[nn.Module, dict[str, Any]]:
+        """The clip encoder this stage trains and the config that rebuilds it (for ``encoder.pt``)."""
+        raise NotImplementedError
+
+    def exported_classifier(self) -> tuple[nn.Module, dict[str, Any]] | None:
+        """A few-shot classifier trained with the encoder (a matching head) and its config, if any."""
+        return None
 
     # --- frozen models (cached by mmfsar.tasks.frozen_cache.FrozenOutputCache) ----------------
     def frozen_models(self) -> dict[str, nn.Module]:

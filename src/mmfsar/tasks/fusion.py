@@ -18,6 +18,30 @@ from mmfsar.models.fusion import FusionTeacher, encoder_dims
 from mmfsar.tasks.common import Optimization, TrainingModule, probe_frames
 
 
+def build_fusion_teacher(cfg: DictConfig, datamodule: Any, *, num_classes: int) -> tuple[FusionTeacher, dict[str, Any]]:
+    """A :class:`FusionTeacher` over the exported encoders ``cfg.encoders`` (``cfg.fusion``,
+    ``cfg.head`` when ``num_classes`` > 0, ``cfg.freeze_encoders``) and the config that rebuilds
+    it: the export stores the config, the trained encoders are passed in as objects."""
+    paths = given(cfg.encoders)
+    if len(paths) < 2:
+        raise ConfigError("model.encoders: give at least two exported encoders, e.g. model.encoders.rgb=.../encoder.pt")
+    datamodule.channels  # binds the modalities
+    payloads = {name: load_export(path) for name, path in paths.items()}
+    encoders = {name: build_encoder(payload) for name, payload in payloads.items()}
+    frames = {name: probe_frames(enc, datamodule.val_set[0]) for name, enc in encoders.items()}
+    if len(set(frames.values())) != 1:
+        raise ConfigError(f"the encoders give different numbers of per-frame features {frames}; fusion needs one")
+    teacher_cfg = {
+        "_target_": "mmfsar.models.fusion.FusionTeacher",
+        "encoders": {name: payload["encoder"] for name, payload in payloads.items()},
+        "fusion": {**plain_config(cfg.fusion), "dims": encoder_dims(encoders), "num_frames": frames.popitem()[1]},
+        "num_classes": num_classes,
+        "head": plain_config(cfg.head) if num_classes else None,
+        "freeze_encoders": cfg.freeze_encoders,
+    }
+    return instantiate(teacher_cfg, encoders=encoders, _convert_="all"), teacher_cfg
+
+
 class FusionTeacherModule(TrainingModule):
     """Trains the fusion (and, with ``freeze_encoders=False``, the encoders) of a
     :class:`~mmfsar.models.fusion.FusionTeacher` on labelled source clips of the base classes.
@@ -40,27 +64,9 @@ class FusionTeacherModule(TrainingModule):
 
     @classmethod
     def build(cls, cfg: DictConfig, datamodule: Any) -> "FusionTeacherModule":
-        paths = given(cfg.encoders)
-        if len(paths) < 2:
-            raise ConfigError("model.encoders: give at least two exported encoders, e.g. model.encoders.rgb=.../encoder.pt")
         if not datamodule.labelled_source:
             raise ConfigError("the fusion teacher trains on labelled source clips: set data.labelled_source=true")
-        datamodule.channels  # binds the modalities
-        payloads = {name: load_export(path) for name, path in paths.items()}
-        encoders = {name: build_encoder(payload) for name, payload in payloads.items()}
-        frames = {name: probe_frames(enc, datamodule) for name, enc in encoders.items()}
-        if len(set(frames.values())) != 1:
-            raise ConfigError(f"the encoders give different numbers of per-frame features {frames}; fusion needs one")
-        teacher_cfg = {
-            "_target_": "mmfsar.models.fusion.FusionTeacher",
-            "encoders": {name: payload["encoder"] for name, payload in payloads.items()},
-            "fusion": {**plain_config(cfg.fusion), "dims": encoder_dims(encoders), "num_frames": frames.popitem()[1]},
-            "num_classes": len(datamodule.base_classes),
-            "head": plain_config(cfg.head),
-            "freeze_encoders": cfg.freeze_encoders,
-        }
-        # the config is what the export stores; the trained encoders are passed in as objects
-        teacher = instantiate(teacher_cfg, encoders=encoders, _convert_="all")
+        teacher, teacher_cfg = build_fusion_teacher(cfg, datamodule, num_classes=len(datamodule.base_classes))
         return cls(teacher=teacher, teacher_config=teacher_cfg, optim=instantiate(cfg.optim))
 
     def exported_encoder(self) -> tuple[nn.Module, dict[str, Any]]:

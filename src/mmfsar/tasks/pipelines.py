@@ -111,10 +111,13 @@ def export_trained(cfg: DictConfig, run: Training, *, best_checkpoint: str = "",
     """``encoder.pt`` of a training run: the module's exported encoder, the configs that rebuild
     and feed it, and where it came from."""
     encoder, encoder_cfg = run.module.exported_encoder()
+    classifier, classifier_cfg = run.module.exported_classifier() or (None, None)
     return export_encoder(
         Path(cfg.paths.output_dir) / "encoder.pt",
         encoder,
         encoder_config=encoder_cfg,
+        classifier=classifier,
+        classifier_config=classifier_cfg,
         modalities={m: run.modalities[m] for m in encoder.modalities},
         frames=OmegaConf.to_container(cfg.data.frames, resolve=True),
         info={
@@ -170,9 +173,10 @@ def build_evaluation(cfg: DictConfig) -> tuple[dict[str, Any], L.LightningDataMo
     _check_modalities(cfg.encoder, modalities, Path(cfg.data.root))
     datamodule.setup("test")  # missing files, impossible episodes, an episode file of other clips
     fs = cfg.fewshot
+    encoder = build_encoder(payload)
     module = FewShotEvalModule(
-        encoder=build_encoder(payload),
-        classifier=instantiate(fs.classifier),
+        encoder=encoder,
+        classifier=_eval_classifier(fs, payload, encoder, datamodule),
         views=fs.views,
         mask_ratio=fs.mask_ratio,
         mask_seed=fs.seed,
@@ -180,6 +184,19 @@ def build_evaluation(cfg: DictConfig) -> tuple[dict[str, Any], L.LightningDataMo
         progress=bool(cfg.trainer.get("enable_progress_bar", True)),
     )
     return payload, datamodule, module
+
+
+def _eval_classifier(fs: DictConfig, payload: dict[str, Any], encoder: Any, datamodule: Any) -> Any:
+    """``fewshot.classifier`` when one is chosen, else the classifier the export carries (an
+    episodic run's matching head), else nearest centroid."""
+    from mmfsar.fewshot import PrototypeClassifier, build_classifier
+    from mmfsar.models.base import build_exported_classifier
+    from mmfsar.tasks.common import probe_frames
+
+    if fs.get("classifier") is not None:
+        frames = probe_frames(encoder, datamodule.clips[0])
+        return build_classifier(instantiate(fs.classifier), dim=encoder.feature_dim, num_frames=frames)
+    return build_exported_classifier(payload) or PrototypeClassifier()
 
 
 def _solve(
