@@ -113,9 +113,10 @@ RECIPES = {
     "lite_mkd": {
         "pretrain": ["experiment=lite_mkd_tiny/pretrain"],
         "distill": ["experiment=lite_mkd_tiny/distill"],
-        "init_student_from_rgb": False,
+        "init_student_from_rgb": True,
         "fusion": ["experiment=lite_mkd_tiny/fusion"],
         "plain": ["experiment=lite_mkd_tiny/pretrain"],
+        "episodic": True,  # one task per step; the teacher is one export with its matching head
     },
 }
 
@@ -232,18 +233,24 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
         common.append(f"data.batch_size={args.batch_size}")
     exports = {m: export(compose_cfg("pretrain", [*recipe["pretrain"], f"modality={m}", *common], tmp / name / m)) for m in MODALITIES}
     encoders = [f"model.encoders.{m}={exports[m]}" for m in MODALITIES]
+    tasks = [f"model.episodes={args.tasks}"] if recipe.get("episodic") and args.tasks else []
     if recipe["fusion"]:
-        teachers = {"fusion": export(compose_cfg("pretrain", [*recipe["fusion"], *encoders, *common], tmp / name / "fusion"))}
+        teachers = {"fusion": export(compose_cfg("pretrain", [*recipe["fusion"], *encoders, *common, *tasks], tmp / name / "fusion"))}
     else:
         teachers = exports
-    distill_over = [*recipe["distill"], *[f"model.teachers.{t}={p}" for t, p in teachers.items()], *common]
+    if recipe.get("episodic"):
+        distill_over = [*recipe["distill"], f"model.teacher={teachers['fusion']}", *common, *tasks]
+    else:
+        distill_over = [*recipe["distill"], *[f"model.teachers.{t}={p}" for t, p in teachers.items()], *common]
     if recipe["init_student_from_rgb"]:
         distill_over.append(f"model.init_from={exports['rgb']}")
     distill_cfg = compose_cfg("distill", distill_over, tmp)
     run = build_training(distill_cfg)
     distill, dm = run.module, run.datamodule
     plain = build_training(compose_cfg("pretrain", [*recipe["plain"], "modality=rgb", *common], tmp)).module
-    assert plain.decoder is None and type(plain.encoder.backbone) is type(distill.student.backbone)
+    student = distill.student if hasattr(distill, "student") else distill.encoder  # episodic modules: encoder
+    grid = getattr(distill, "grid", None)
+    assert plain.decoder is None and type(plain.encoder.backbone) is type(student.backbone)
 
     batch = first_batch(dm)  # the recipe's own clips: target (mm_cdfsl) or source + target (lite_mkd)
     clips = next(iter(batch.values()))  # every modality: for the inference timings
@@ -275,16 +282,16 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
                 distill.frozen_cache = cache
 
         variants["distill_online_step"] = lambda: step_d(online_step)
-    if distill.grid is not None:
+    if grid is not None:
         from mmfsar.models.encoders.vit import tube_mask
 
         def masked_ce() -> torch.Tensor:
-            mask = tube_mask(step_clips.shape[0], distill.grid, distill.mask_ratio, device=labels.device)
+            mask = tube_mask(step_clips.shape[0], grid, distill.mask_ratio, device=labels.device)
             return F.cross_entropy(plain.encoder({"rgb": step_clips}, mask=mask).logits, labels)
 
         variants["plain_masked_step"] = lambda: step_p(masked_ce)
 
-    student, teacher_models = distill.student, distill.frozen_models()
+    teacher_models = distill.frozen_models()
     teacher_modalities = sorted({m for t in teacher_models.values() for m in t.modalities})
     teacher_cfgs = {n: load_export(p)["encoder"] for n, p in teachers.items()}
 
@@ -302,7 +309,7 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
         return run
 
     inference = {"student": student_infer, **{f"teacher:{n}": teacher_infer(t) for n, t in teacher_models.items()}}
-    if distill.grid is not None:  # MM-CDFSL's ensemble masked inference (eval preset: 2 query views at 0.75)
+    if grid is not None:  # MM-CDFSL's ensemble masked inference (eval preset: 2 query views at 0.75)
         from mmfsar.fewshot.engine import encode_views
 
         def student_masked_views() -> None:
@@ -334,12 +341,12 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
     out = {
         "batch_size": bsz,
         "clips_per_step": step_clips.shape[0],
-        "student": describe(distill.student_config),
+        "student": describe(getattr(distill, "student_config", None) or distill.encoder_config),
         "student_params_M": round(n_params(student) / 1e6, 2),
         "teachers": {n: describe(cfg) if "backbone" in cfg else cfg["_target_"].rsplit(".", 1)[-1] for n, cfg in teacher_cfgs.items()},
         "teacher_params_M": round(sum(n_params(t) for t in teacher_models.values()) / 1e6, 2),
         "loss_terms": sorted(distill.terms),
-        "mask_ratio": distill.mask_ratio,
+        "mask_ratio": getattr(distill, "mask_ratio", 0.0),
         "distill_step_ms": round(1000 * steps["distill_step"], 1),
         "plain_step_ms": round(1000 * steps["plain_step"], 1),
         "distill_over_plain": round(steps["distill_step"] / steps["plain_step"], 3),
@@ -389,7 +396,7 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
             "teacher_modalities": teacher_modalities,
         }
     )
-    if args.profile:  # of the step with the teachers run on the batch
+    if args.profile and not recipe.get("episodic"):  # of the step with the teachers run on the batch
         distill.frozen_cache = None
         out["distill_online_step_breakdown_ms"] = profile_distill(distill, online_batch, args.warmup, args.repeats)
     return out
@@ -405,10 +412,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--profile", action="store_true", help="break the distillation step down")
     ap.add_argument("--tiny", action="store_true", help="batches of 4, one repeat, no ViT: checks that the script runs")
+    ap.add_argument("--tasks", default=None, help="episodic recipes: model.episodes override, e.g. '{n_way: 3, k_shot: 2, n_query: 2, episodes: 2}'")
     args = ap.parse_args(argv)
     args.data = [] if args.root is None else ["data=folder", f"data.root={args.root}"]
     if args.tiny:
         args.batch_size, args.warmup, args.repeats, args.recipes = 4, 0, 1, "mm_cdfsl,lite_mkd"
+        args.tasks = args.tasks or "{n_way: 3, k_shot: 2, n_query: 2, episodes: 2, seed: 0}"
     # training_step outside a Trainer: self.log() is a no-op that warns on every call
     warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
     if args.threads:

@@ -56,6 +56,8 @@ def test_presets_compose_and_build_stage_after_stage(method, tiny_dataset, tmp_p
 
     def train_stage(stage: str, name: str, entry: str, extra: list[str]) -> Path:
         cfg = compose_config(entry, [f"experiment={method}/{stage}", *data, f"paths.output_dir={tmp_path / name}", *extra])
+        if "episodes" in cfg.model:  # episodic stages: tasks the tiny dataset can give
+            cfg.model.episodes = {"n_way": 2, "k_shot": 1, "n_query": 2, "episodes": 2, "seed": 0}
         torch.manual_seed(0)
         run = build_training(cfg)
         trainer = instantiate(cfg.trainer, callbacks=instantiate_callbacks(cfg.callbacks) + run.callbacks, logger=False)
@@ -66,7 +68,7 @@ def test_presets_compose_and_build_stage_after_stage(method, tiny_dataset, tmp_p
     teachers = [f"model.teachers.{m}={exports[m]}" for m in modalities]
     if "fusion" in stages:
         fusion = train_stage("fusion", "fusion", "pretrain", [f"model.encoders.{m}={exports[m]}" for m in modalities])
-        teachers = [f"model.teachers.fusion={fusion}"]
+        teachers = [f"model.teacher={fusion}"]
     student = train_stage("distill", "student", "distill", [f"model.init_from={exports['rgb']}", *teachers])
     cfg = compose_config(
         "eval",

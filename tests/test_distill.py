@@ -6,8 +6,9 @@ the frozen-teacher guarantees of the distillation module.
   translation MSE to rgb / flow / pose teachers on unlabelled target clips, logistic-regression
   episodes.
 * Lite-MKD (``experiment=lite_mkd_tiny/{pretrain,fusion,distill,eval}``): a 3D CNN per modality,
-  the MFM fusion teacher over them (width 64 in the fast chain), a 3D-CNN RGB student distilled
-  with logit KD + relation + CE from cached teacher outputs, prototype episodes; the unmodified
+  the MFM fusion teacher over them trained on tasks with a TRX head (width 64 in the fast chain),
+  a 3D-CNN RGB student with two projections and a TRX head distilled on tasks (episode KD +
+  relations + CE) from the cached teacher features, evaluated with its own head; the unmodified
   preset runs under ``-m slow``.
 
 Every run trains 2 steps of 4 clips on ``episode_dataset``; evaluation solves 20 five-way
@@ -34,7 +35,9 @@ pytest_plugins = ["conftest_training"]
 
 # Lite-MKD teachers small enough for the fast suite (see the module docstring)
 SMALL_TEACHERS: list[str] = []  # the presets' 3D CNN is small already
-SMALL_FUSION = ["model.fusion.dim=64"]
+# tasks the 3 base classes x 6 clips of episode_dataset can give, an optimiser step per task
+LITE_TASKS = ["model.episodes={n_way: 3, k_shot: 2, n_query: 2, episodes: 2, seed: 0}", "trainer.accumulate_grad_batches=1"]
+SMALL_FUSION = ["model.fusion.dim=64", *LITE_TASKS]
 
 
 @dataclass
@@ -134,13 +137,27 @@ def test_mm_cdfsl_tiny_chain(mm_cdfsl_pretrained, episode_dataset, tmp_path, wan
     assert results["views"] == 1  # a CNN student: no masked views
 
 
+def check_episodic_student_run(run: Path) -> dict:
+    """The episodic distillation exported an RGB student with its two-branch head; the checkpoint
+    holds the student encoder and head, never the teacher."""
+    payload = torch.load(run / "encoder.pt", map_location="cpu", weights_only=True)
+    assert payload["encoder"]["modality"] == "rgb" and list(payload["modalities"]) == ["rgb"]
+    assert payload["classifier"]["config"]["_target_"] == "mmfsar.fewshot.matching.TwoBranchHead"
+    last = checkpoint(run / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 2
+    prefixes = {k.split(".")[0] for k in last["state_dict"]}
+    assert prefixes == {"encoder", "classifier"}, f"checkpoint holds {prefixes}: the teacher must not be saved"
+    return last
+
+
 def test_lite_mkd_tiny_chain(lite_mkd_pretrained, episode_dataset, tmp_path, wandb_home):
-    """``experiment=lite_mkd_tiny/{pretrain,fusion}`` (the module fixture), then ``.../distill``
-    from the fusion teacher and ``.../eval`` on the student."""
+    """``experiment=lite_mkd_tiny/{pretrain,fusion}`` (the module fixture: MFM + TRX trained on
+    tasks), then ``.../distill`` from the episodic teacher and ``.../eval`` with the student's head."""
     fusion = load_export(lite_mkd_pretrained.fusion / "encoder.pt")
     assert fusion["encoder"]["_target_"] == "mmfsar.models.fusion.FusionTeacher"
     assert fusion["encoder"]["fusion"]["_target_"] == "mmfsar.models.fusion.MFM"
-    assert sorted(fusion["modalities"]) == sorted(MODALITIES) and fusion["encoder"]["num_classes"] == 3
+    assert sorted(fusion["modalities"]) == sorted(MODALITIES) and fusion["encoder"]["num_classes"] == 0
+    assert fusion["classifier"]["config"]["_target_"] == "mmfsar.fewshot.matching.TRX"
     for m, run in lite_mkd_pretrained.runs.items():  # the fusion teacher carries the stage-1 encoders unchanged
         stage1 = load_export(run / "encoder.pt")["state_dict"]
         assert all(torch.equal(v, fusion["state_dict"][f"encoders.{m}.{k}"]) for k, v in stage1.items())
@@ -149,37 +166,38 @@ def test_lite_mkd_tiny_chain(lite_mkd_pretrained, episode_dataset, tmp_path, wan
     run_entry(
         "lit_main_distill.py",
         "experiment=lite_mkd_tiny/distill",
-        f"model.teachers.fusion={lite_mkd_pretrained.fusion / 'encoder.pt'}",
+        f"model.init_from={lite_mkd_pretrained.runs['rgb'] / 'encoder.pt'}",
+        f"model.teacher={lite_mkd_pretrained.fusion / 'encoder.pt'}",
         f"hydra.run.dir={run}",
+        *LITE_TASKS,
         *tiny(episode_dataset),
         home=wandb_home,
     )
-    last = check_student_run(run, backbone="Conv3DEncoder")
-    terms = {k.split(".")[1] for k in last["state_dict"] if k.startswith("terms.")}
-    assert terms == {"logit_kd", "ce"}, terms  # relation has no parameters
-
+    check_episodic_student_run(run)
     out = tmp_path / "eval"
     run_entry("lit_main_eval.py", "experiment=lite_mkd_tiny/eval", *eval_overrides(episode_dataset, run / "encoder.pt", out), home=wandb_home)
-    check_results(out, run / "encoder.pt", "PrototypeClassifier")
+    check_results(out, run / "encoder.pt", "TwoBranchHead")
 
 
 @pytest.mark.slow
 def test_lite_mkd_tiny_preset_unmodified(episode_dataset, tmp_path, wandb_home):
     """The Lite-MKD tiny preset as shipped (ResNet-18 teachers, full-width MFM), only shortened."""
-    teachers = lite_mkd_teachers(episode_dataset, tmp_path, wandb_home, teacher=[], fusion=[])
+    teachers = lite_mkd_teachers(episode_dataset, tmp_path, wandb_home, teacher=[], fusion=LITE_TASKS)
     run = tmp_path / "distill"
     run_entry(
         "lit_main_distill.py",
         "experiment=lite_mkd_tiny/distill",
-        f"model.teachers.fusion={teachers.fusion / 'encoder.pt'}",
+        f"model.init_from={teachers.runs['rgb'] / 'encoder.pt'}",
+        f"model.teacher={teachers.fusion / 'encoder.pt'}",
         f"hydra.run.dir={run}",
+        *LITE_TASKS,
         *tiny(episode_dataset),
         home=wandb_home,
     )
-    check_student_run(run, backbone="Conv3DEncoder")
+    check_episodic_student_run(run)
     out = tmp_path / "eval"
     run_entry("lit_main_eval.py", "experiment=lite_mkd_tiny/eval", *eval_overrides(episode_dataset, run / "encoder.pt", out), home=wandb_home)
-    check_results(out, run / "encoder.pt", "PrototypeClassifier")
+    check_results(out, run / "encoder.pt", "TwoBranchHead")
 
 
 # --------------------------------------------------------------------------- frozen teachers, in process
@@ -212,9 +230,16 @@ def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_
         teachers = {m: sweep.encoder(m) for m in MODALITIES}
         overrides = ["experiment=mm_cdfsl_tiny/distill", *mm_cdfsl_teachers(sweep)]
     else:
-        fusion = request.getfixturevalue("lite_mkd_pretrained").fusion / "encoder.pt"
-        teachers = {"fusion": fusion}
-        overrides = ["experiment=lite_mkd_tiny/distill", f"model.teachers.fusion={fusion}"]
+        pretrained = request.getfixturevalue("lite_mkd_pretrained")
+        fusion = pretrained.fusion / "encoder.pt"
+        teachers = {"teacher": fusion}
+        overrides = [
+            "experiment=lite_mkd_tiny/distill",
+            f"model.teacher={fusion}",
+            f"model.init_from={pretrained.runs['rgb'] / 'encoder.pt'}",
+            *LITE_TASKS,
+            "model.episodes.episodes=3",
+        ]
     cfg = compose_distill(
         [
             *overrides,
@@ -230,8 +255,10 @@ def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_
     datamodule = instantiate(cfg.data, modalities=build_modalities(module_cls.modality_configs(cfg.model, cfg.modalities)))
     datamodule.setup("fit")
     module = module_cls.build(cfg.model, datamodule)
-    student_before = copy.deepcopy(module.student.state_dict())
-    terms_before = copy.deepcopy(module.terms.state_dict())
+    student = module.student if recipe == "mm_cdfsl" else module.encoder
+    trained_heads = module.terms if recipe == "mm_cdfsl" else module.classifier  # translation MLPs / h1, h2 + TRX
+    student_before = copy.deepcopy(student.state_dict())
+    heads_before = copy.deepcopy(trained_heads.state_dict())
     trainer = instantiate(cfg.trainer, callbacks=[], logger=False)
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3
@@ -252,11 +279,17 @@ def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_
         assert not training, f"teacher {name!r} modules in train mode: {training[:5]}"
     if recipe == "lite_mkd":
         assert any("running_mean" in k for k in exported), "the fusion teacher should carry BatchNorm statistics"
-    assert {k.split(".")[0] for k in module.state_dict()} == {"student", "terms"}
+    saved = {k.split(".")[0] for k in module.state_dict()}
+    assert saved == ({"student", "terms"} if recipe == "mm_cdfsl" else {"encoder", "classifier"})
+    if recipe == "lite_mkd":
+        teacher_head = module._teacher_heads["teacher"]
+        exported_head = load_export(fusion)["classifier"]["state_dict"]
+        assert all(torch.equal(v, exported_head[k]) for k, v in teacher_head.state_dict().items()), "the teacher's head changed"
+        assert not any(p.requires_grad for p in teacher_head.parameters()) and not teacher_head.training
 
-    after = module.student.state_dict()
+    after = student.state_dict()
     assert any(not torch.equal(v, student_before[k]) for k, v in after.items()), "the student did not change"
-    assert any(not torch.equal(v, terms_before[k]) for k, v in module.terms.state_dict().items()), "the loss heads did not change"
+    assert any(not torch.equal(v, heads_before[k]) for k, v in trained_heads.state_dict().items()), "the trained heads did not change"
     if recipe == "mm_cdfsl":  # started from the RGB pretraining (without its head)
         init = load_export(sweep.encoder("rgb"))["state_dict"]
         assert all(torch.equal(v, init[k]) for k, v in student_before.items())

@@ -336,3 +336,80 @@ def test_configs_build_terms_once_dims_are_known(config, cls, weight):
     assert loss.dim() == 0 and torch.isfinite(loss)
     if config == "logit_kd":
         assert term.temperature == 4.0
+
+
+# --------------------------------------------------------------------------- Lite-MKD on episodes
+
+
+def _episode_batch(student_kl, student_ce, support_ce, teacher_logits, teacher_support, target):
+    from mmfsar.losses.distill import EpisodeDistillBatch
+
+    return EpisodeDistillBatch(
+        student_logits={"kl": torch.tensor(student_kl), "ce": torch.tensor(student_ce), "support_ce": torch.tensor(support_ce)},
+        teacher_logits=torch.tensor(teacher_logits),
+        teacher_support=torch.tensor(teacher_support),
+        target=torch.tensor(target),
+    )
+
+
+def test_episode_kd_relation_and_ce_by_hand():
+    from mmfsar.losses.distill import EpisodeCE, EpisodeKD, EpisodeRelation
+
+    kl_logits = [[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]
+    ce_logits = [[0.5, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    teacher = [[4.0, 0.0, 0.0], [0.0, 0.0, 4.0]]
+    # support (N=3, K=2, T=2, D=1): prototypes (mean over shots) 0, 1, 3 at both frames (student),
+    # 0, 2, 2 (teacher)
+    student_support = [[[[0.0], [0.0]], [[0.0], [0.0]]], [[[1.0], [1.0]], [[1.0], [1.0]]], [[[2.0], [2.0]], [[4.0], [4.0]]]]
+    teacher_support = [[[[0.0], [0.0]], [[0.0], [0.0]]], [[[2.0], [2.0]], [[2.0], [2.0]]], [[[2.0], [2.0]], [[2.0], [2.0]]]]
+    batch = _episode_batch(kl_logits, ce_logits, student_support, teacher, teacher_support, [0, 2])
+
+    T = 4.0  # T^2 * mean over queries of KL(p_teacher || p_student) at temperature T
+    expected_kd = 0.0
+    for s_row, t_row in zip(kl_logits, teacher):
+        ps = [math.exp(v / T) for v in s_row]
+        pt = [math.exp(v / T) for v in t_row]
+        ps, pt = [v / sum(ps) for v in ps], [v / sum(pt) for v in pt]
+        expected_kd += sum(b * math.log(b / a) for a, b in zip(ps, pt))
+    expected_kd = T * T * expected_kd / 2
+    assert EpisodeKD(temperature=4.0)(batch).item() == pytest.approx(expected_kd, rel=1e-5)
+
+    def relation_rows(protos):  # -‖P_c - P_c'‖² / tau over frames (T=2, tau=2), softmax over c' != c
+        rows = []
+        for c, p in enumerate(protos):
+            scores = [-(2 * (p - q) ** 2) / 2 for j, q in enumerate(protos) if j != c]
+            e = [math.exp(v) for v in scores]
+            rows.append([v / sum(e) for v in e])
+        return rows
+
+    def pearson(a, b):
+        ma, mb = sum(a) / len(a), sum(b) / len(b)
+        cov = sum((x - ma) * (y - mb) for x, y in zip(a, b))
+        return cov / math.sqrt(sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
+
+    s_rows, t_rows = relation_rows([0.0, 1.0, 3.0]), relation_rows([0.0, 2.0, 2.0])
+    # the teacher's last two prototypes coincide: its rows 1 and 2 are not constant, row 0 is
+    expected_relation = 1 - sum(pearson(a, b) if max(b) - min(b) > 1e-12 else 0.0 for a, b in zip(s_rows, t_rows)) / 3
+    assert EpisodeRelation()(batch).item() == pytest.approx(expected_relation, rel=1e-5)
+
+    expected_ce = -(math.log(math.exp(0.5) / (math.exp(0.5) + 2)) + math.log(math.e / (math.e + 2))) / 2
+    assert EpisodeCE()(batch).item() == pytest.approx(expected_ce, rel=1e-6)
+
+
+def test_two_branch_head_infers_with_the_sum_of_its_branches():
+    from mmfsar.fewshot import PrototypeClassifier
+    from mmfsar.fewshot.matching import TwoBranchHead
+
+    head = TwoBranchHead(dim=2, num_frames=3, out_dim=2, head=PrototypeClassifier)
+    with torch.no_grad():  # h1 = identity, h2 = doubles
+        head.h1.weight.copy_(torch.eye(2))
+        head.h1.bias.zero_()
+        head.h2.weight.copy_(2 * torch.eye(2))
+        head.h2.bias.zero_()
+    support = torch.tensor([[[[[1.0, 0.0]] * 3], [[[0.0, 1.0]] * 3]]])  # (1, 2 ways, 1 shot, 3 frames, 2)
+    query = torch.tensor([[[[1.0, 1.0]] * 3]])  # (1, 1, 3, 2)
+    branches = head.branches(support, query)
+    # h1: squared distances from (1, 1) to (1, 0) and (0, 1) are 1 and 1; h2 doubles them all: 4 and 4
+    assert branches["kl"].tolist() == [[[-1.0, -1.0]]] and branches["ce"].tolist() == [[[-4.0, -4.0]]]
+    assert torch.equal(head(support, query), branches["kl"] + branches["ce"])
+    assert branches["support_ce"].shape == (1, 2, 1, 3, 2) and torch.equal(branches["support_ce"], 2 * support)

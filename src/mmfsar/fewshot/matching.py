@@ -21,7 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -379,3 +379,41 @@ class TRX(EpisodeClassifier):
             f"dim={self.dim}, num_frames={self.num_frames}, cardinalities={self.cardinalities}, "
             f"proj_dim={self.proj_dim}, combine={self.combine!r}"
         )
+
+
+class TwoBranchHead(EpisodeClassifier):
+    """Lite-MKD's student head: two linear projections h1, h2 of the student's frame features
+    into the teacher's feature space, and one matching head shared by both branches.
+
+    ``z_kl = head(h1(support), h1(query))`` learns from the teacher's logits, ``z_ce = head(h2(s),
+    h2(q))`` from the labels (and the teacher's support relations, on h2's features); at inference
+    the logits are ``z_kl + z_ce`` (:meth:`forward`). As the released code (``resnet18_2fc`` +
+    ``TRX_2fcsup``): h1, h2 are per-frame ``Linear(dim, out_dim)`` and the same TRX scores both.
+
+    Args:
+        dim, num_frames: the student's features.
+        out_dim: the projections' size (the teacher's feature size).
+        head: builds the matching head: ``head(dim=out_dim, num_frames=num_frames)``.
+    """
+
+    def __init__(self, *, dim: int, num_frames: int, out_dim: int, head: Callable[..., EpisodeClassifier]) -> None:
+        super().__init__(dim=_positive_int(dim, "dim"), num_frames=_positive_int(num_frames, "num_frames"))
+        self.out_dim = _positive_int(out_dim, "out_dim")
+        self.h1 = nn.Linear(self.dim, self.out_dim)
+        self.h2 = nn.Linear(self.dim, self.out_dim)
+        self.head = head(dim=self.out_dim, num_frames=self.num_frames)
+        self.uses_frames = self.head.uses_frames
+
+    def branches(self, support: Tensor, query: Tensor) -> dict[str, Tensor]:
+        """``kl`` / ``ce``: (E, Q, N) logits of the two branches; ``support_ce``: h2's support
+        features (E, N, K, T, out_dim), which the relation distillation compares."""
+        support_ce = self.h2(support)
+        return {
+            "kl": self.head(self.h1(support), self.h1(query)),
+            "ce": self.head(support_ce, self.h2(query)),
+            "support_ce": support_ce,
+        }
+
+    def _logits(self, support: Tensor, query: Tensor) -> Tensor:
+        out = self.branches(support, query)
+        return out["kl"] + out["ce"]

@@ -36,6 +36,11 @@ __all__ = [
     "Relation",
     "Contrastive",
     "CrossEntropy",
+    "EpisodeCE",
+    "EpisodeDistillBatch",
+    "EpisodeKD",
+    "EpisodeRelation",
+    "EpisodeTerm",
     "translation_mse",
     "logit_kd",
     "relation_matrix",
@@ -459,3 +464,71 @@ class CrossEntropy(DistillTerm):
             return self._zero(batch)
         logits = self.head(batch.student.pooled[keep]).float()
         return F.cross_entropy(logits, batch.labels[keep], label_smoothing=self.label_smoothing)
+
+
+# --------------------------------------------------------------------------- episodic terms (Lite-MKD as published)
+
+
+@dataclass
+class EpisodeDistillBatch:
+    """What the episodic distillation terms see for one N-way K-shot Q-query task.
+
+    student_logits: the student head's branches (``TwoBranchHead.branches``): ``kl`` / ``ce`` query
+        logits (Q, N) and ``support_ce``, the h2 support features (N, K, T, D).
+    teacher_logits: the frozen teacher's query logits (Q, N) (its own matching head).
+    teacher_support: the teacher's support features (N, K, T, D_t).
+    target: each query's way (Q,).
+    """
+
+    student_logits: dict[str, Tensor]
+    teacher_logits: Tensor
+    teacher_support: Tensor
+    target: Tensor
+
+
+class EpisodeTerm(nn.Module):
+    """Base of the episodic distillation terms: keeps the weight the module multiplies with;
+    ``forward(batch: EpisodeDistillBatch) -> unweighted scalar``."""
+
+    def __init__(self, *, weight: float = 1.0) -> None:
+        super().__init__()
+        self.weight = float(weight)
+
+
+class EpisodeKD(EpisodeTerm):
+    """Lite-MKD's query-level distillation: ``T² · KL(softmax(z_teacher/T) ‖ softmax(z_kl/T))``
+    over the task's queries, the student's ``kl`` branch against the teacher's episode logits."""
+
+    def __init__(self, *, weight: float = 1.0, temperature: float = 4.0) -> None:
+        super().__init__(weight=weight)
+        if temperature <= 0:
+            raise ValueError(f"EpisodeKD temperature must be positive, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, batch: EpisodeDistillBatch) -> Tensor:
+        return logit_kd(batch.student_logits["kl"].float(), batch.teacher_logits.detach().float(), self.temperature)
+
+
+class EpisodeRelation(EpisodeTerm):
+    """Lite-MKD's support-level distillation: the relations between the task's class prototypes
+    (mean over shots of the support features, frames flattened), ``S[c, c'] = -‖P_c - P_c'‖² / τ``
+    (c ≠ c'), row-softmaxed, of the student (h2 branch) should correlate with the teacher's:
+    ``1 - mean_rows Pearson``. ``tau``: default the number of frames (the released code divides
+    the squared Frobenius distance by the sequence length, 8)."""
+
+    def __init__(self, *, weight: float = 0.5, tau: float | None = None) -> None:
+        super().__init__(weight=weight)
+        self.tau = tau
+
+    def forward(self, batch: EpisodeDistillBatch) -> Tensor:
+        student = batch.student_logits["support_ce"].float().mean(1)  # (N, T, D)
+        teacher = batch.teacher_support.detach().float().mean(1)
+        tau = float(self.tau if self.tau is not None else student.shape[1])
+        return relation_loss(student.flatten(1), teacher.flatten(1), tau)
+
+
+class EpisodeCE(EpisodeTerm):
+    """The student's ``ce`` branch on the task's query labels (Lite-MKD weighs it 1/16)."""
+
+    def forward(self, batch: EpisodeDistillBatch) -> Tensor:
+        return F.cross_entropy(batch.student_logits["ce"].float(), batch.target)

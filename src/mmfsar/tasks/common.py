@@ -106,8 +106,12 @@ class TrainingModule(L.LightningModule):
     def __init__(self, *, optim: Optimization) -> None:
         super().__init__()
         self.optim = optim
-        self.val_classifier: nn.Module = PrototypeClassifier()
         self._bank: FeatureBank | None = None
+
+    @property
+    def val_classifier(self) -> nn.Module:
+        """The few-shot classifier of validation: nearest centroid, unless the module trains one."""
+        return PrototypeClassifier()
 
     @classmethod
     def modality_configs(cls, model_cfg: DictConfig, modalities: DictConfig) -> dict[str, dict[str, Any]]:

@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from mmfsar.errors import ConfigError
-from mmfsar.losses.distill import DistillBatch, DistillSpec
+from mmfsar.data.episodes import split_task
+from mmfsar.losses.distill import DistillBatch, DistillSpec, EpisodeDistillBatch
 from mmfsar.models.base import (
     EncoderOutput,
     build_encoder,
@@ -27,8 +28,10 @@ from mmfsar.models.base import (
     given,
     load_export,
     masking_grid,
+    plain_config,
 )
 from mmfsar.tasks.common import Optimization, TrainingModule, frozen_module_outputs, modality_encoder_config
+from mmfsar.tasks.episodic import EpisodicModule
 
 
 class DistillModule(TrainingModule):
@@ -78,21 +81,7 @@ class DistillModule(TrainingModule):
 
     @classmethod
     def build(cls, cfg: DictConfig, datamodule: Any) -> "DistillModule":
-        modality = cfg.student_modality
-        if modality not in datamodule.modalities:
-            raise ConfigError(
-                f"model.student_modality={modality!r} is not among the loaded modalities {sorted(datamodule.modalities)}"
-            )
-        if cfg.init_from:
-            payload = load_export(cfg.init_from)
-            student_cfg = {**payload["encoder"], "num_classes": 0}
-            if student_cfg.get("modality") != modality:
-                raise ConfigError(f"model.init_from={cfg.init_from} is a {student_cfg.get('modality')!r} encoder, not {modality!r}")
-            student = instantiate(student_cfg, _convert_="all")
-            student.load_state_dict({k: v for k, v in payload["state_dict"].items() if not k.startswith("head.")})
-        else:
-            student_cfg = modality_encoder_config(cfg.encoder, modality, datamodule.encoder_inputs(modality))
-            student = instantiate(student_cfg, _convert_="all")
+        student, student_cfg = _student(cfg, datamodule)
         teachers = {name: build_encoder(path) for name, path in given(cfg.teachers).items()}
         spec = DistillSpec(
             student_dim=student.feature_dim,
@@ -158,3 +147,118 @@ def _concat(outputs: list[EncoderOutput]) -> EncoderOutput:
     """Outputs of several batch parts, concatenated along the batch."""
     cat = lambda field: None if getattr(outputs[0], field) is None else torch.cat([getattr(o, field) for o in outputs])  # noqa: E731
     return EncoderOutput(pooled=cat("pooled"), frames=cat("frames"), logits=cat("logits"))
+
+
+class EpisodicDistillModule(EpisodicModule):
+    """Lite-MKD as published: a light student encoder with a two-branch head
+    (:class:`~mmfsar.fewshot.matching.TwoBranchHead`: projections h1, h2 into the teacher's feature
+    space, one matching head) learns on N-way K-shot tasks of base classes from a frozen episodic
+    teacher (an export that carries its matching head, e.g. ``model=episodic_fusion``'s MFM + TRX):
+    the teacher's query logits (KD), its support-prototype relations and the labels (episode
+    terms, ``distill=lite_mkd``). Inference: ``z_kl + z_ce``; the export carries the head.
+
+    The teacher and its head are held outside the module tree (no optimiser, checkpoint or DDP
+    wrapper sees them), in ``eval()`` under ``inference_mode``; with ``cache=frozen`` the teacher's
+    per-frame features are computed once per clip (and view), its head still runs on every task.
+    """
+
+    def __init__(
+        self,
+        *,
+        teacher: nn.Module,
+        teacher_classifier: nn.Module,
+        terms: Mapping[str, nn.Module],
+        **episodic: Any,
+    ) -> None:
+        super().__init__(**episodic)
+        if not terms:
+            raise ConfigError("model.losses: no loss term selected")
+        self.terms = nn.ModuleDict(terms)
+        self._teachers = {"teacher": teacher.eval().requires_grad_(False)}
+        # in a plain dict too: not a registered submodule, so in no state dict, optimiser or wrapper
+        self._teacher_heads = {"teacher": teacher_classifier.eval().requires_grad_(False)}
+
+    @classmethod
+    def modality_configs(cls, model_cfg: DictConfig, modalities: DictConfig) -> dict[str, dict[str, Any]]:
+        paths = given({"teacher": model_cfg.teacher, "student": model_cfg.init_from})
+        return exported_modalities(paths, modalities)
+
+    @classmethod
+    def build(cls, cfg: DictConfig, datamodule: Any) -> "EpisodicDistillModule":
+        from mmfsar.models.base import build_exported_classifier
+        from mmfsar.tasks.episodic import classifier_for
+
+        if datamodule.task_settings is None:
+            raise ConfigError("episodic distillation needs model.episodes (n_way, k_shot, n_query, episodes, seed)")
+        if not cfg.teacher:
+            raise ConfigError("model.teacher: give the exported episodic teacher (encoder.pt with its matching head)")
+        payload = load_export(cfg.teacher)
+        teacher, teacher_classifier = build_encoder(payload), build_exported_classifier(payload)
+        if teacher_classifier is None:
+            raise ConfigError(
+                f"model.teacher={cfg.teacher} carries no matching head: train the teacher episodically "
+                "(model=episodic_fusion) so its episode logits can be distilled"
+            )
+        student, student_cfg = _student(cfg, datamodule)
+        head_cfg = {**plain_config(cfg.classifier), "out_dim": int(teacher.feature_dim)}
+        classifier, classifier_cfg = classifier_for(head_cfg, student, datamodule.val_set[0])
+        return cls(
+            encoder=student,
+            encoder_config=student_cfg,
+            classifier=classifier,
+            classifier_config=classifier_cfg,
+            task=datamodule.task_settings,
+            optim=instantiate(cfg.optim),
+            teacher=teacher,
+            teacher_classifier=teacher_classifier,
+            terms={name: instantiate(term) for name, term in (cfg.losses or {}).items() if term is not None},
+        )
+
+    def frozen_models(self) -> dict[str, nn.Module]:
+        return self._teachers
+
+    def on_fit_start(self) -> None:
+        self._teachers["teacher"].to(self.device)
+        self._teacher_heads["teacher"].to(self.device)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        task = batch["source"]
+        support, query, target = split_task(self.task_features(self.encode_training_task(task)), self.task)
+        student = {k: v[0] for k, v in self.classifier.branches(support, query).items()}
+        if self.frozen_cache is not None:
+            out = self.frozen_cache.lookup("source", task, self.device)["teacher"]
+        else:
+            out = frozen_module_outputs(self._teachers, {m: task[m] for m in self._teachers["teacher"].modalities})["teacher"]
+        teacher_head = self._teacher_heads["teacher"]
+        teacher_frames = out.frames if teacher_head.uses_frames else out.pooled[:, None]
+        t_support, t_query, _ = split_task(teacher_frames, self.task)
+        with torch.inference_mode():
+            teacher_logits = teacher_head.eval()(t_support, t_query)[0]
+        db = EpisodeDistillBatch(
+            student_logits=student, teacher_logits=teacher_logits.clone(), teacher_support=t_support[0], target=target
+        )
+        losses = {name: term(db) for name, term in self.terms.items()}
+        loss = sum(term.weight * losses[name] for name, term in self.terms.items())
+        self.train_acc((student["kl"] + student["ce"]).detach(), target)
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=1)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=1)
+        self.log("train/acc", self.train_acc, batch_size=1)
+        return loss
+
+
+def _student(cfg: DictConfig, datamodule: Any) -> tuple[nn.Module, dict[str, Any]]:
+    """The student clip encoder on ``cfg.student_modality``: from the export ``cfg.init_from``
+    (its base-class head dropped), or new from the backbone preset ``cfg.encoder``."""
+    modality = cfg.student_modality
+    if modality not in datamodule.modalities:
+        raise ConfigError(f"model.student_modality={modality!r} is not among the loaded modalities {sorted(datamodule.modalities)}")
+    if not cfg.init_from:
+        student_cfg = modality_encoder_config(cfg.encoder, modality, datamodule.encoder_inputs(modality))
+        return instantiate(student_cfg, _convert_="all"), student_cfg
+    payload = load_export(cfg.init_from)
+    student_cfg = {**payload["encoder"], "num_classes": 0}
+    if student_cfg.get("modality") != modality:
+        raise ConfigError(f"model.init_from={cfg.init_from} is a {student_cfg.get('modality')!r} encoder, not {modality!r}")
+    student = instantiate(student_cfg, _convert_="all")
+    student.load_state_dict({k: v for k, v in payload["state_dict"].items() if not k.startswith("head.")})
+    return student, student_cfg

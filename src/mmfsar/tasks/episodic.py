@@ -62,7 +62,6 @@ class EpisodicModule(TrainingModule):
         self.encoder_config = dict(encoder_config)
         self.classifier = classifier
         self.classifier_config = dict(classifier_config)
-        self.val_classifier = classifier
         self.task = task
         self.frozen_cache = None
         self.train_acc = MulticlassAccuracy(num_classes=task.n_way)
@@ -100,6 +99,10 @@ class EpisodicModule(TrainingModule):
     def modality_configs(cls, model_cfg: DictConfig, modalities: DictConfig) -> dict[str, dict[str, Any]]:
         paths = {"init_from": model_cfg.init_from} if model_cfg.get("init_from") else {}
         return exported_modalities(paths, modalities)
+
+    @property
+    def val_classifier(self) -> nn.Module:
+        return self.classifier
 
     def exported_encoder(self) -> tuple[nn.Module, dict[str, Any]]:
         return self.encoder, self.encoder_config
