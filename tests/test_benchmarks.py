@@ -29,7 +29,8 @@ def run_benchmark(name: str, *args: str) -> dict:
 
 
 def test_every_benchmark_has_a_test():
-    assert {p.name for p in BENCHMARKS.glob("bench_*.py")} == {"bench_data.py", "bench_distill.py", "bench_eval.py", "bench_logreg.py"}
+    names = {p.name for p in BENCHMARKS.glob("bench_*.py")}
+    assert names == {"bench_data.py", "bench_distill.py", "bench_episodic.py", "bench_eval.py", "bench_logreg.py"}
 
 
 def test_bench_logreg_runs():
@@ -52,8 +53,22 @@ def test_bench_eval_runs(episode_dataset: Path):
     assert [r["setting"] for r in report["d_logreg"]] == ["5-way 1-shot 2 queries", "5-way 3-shot 2 queries"]
 
 
+def test_bench_eval_runs_with_a_matching_head(episode_dataset: Path):
+    report = run_benchmark(
+        "bench_eval.py", "--data", str(episode_dataset), "--workers", "0", "--classifier", "trx", "--set", "proj_dim=8",
+        "--queries", "1",
+    )  # fmt: skip
+    assert report["classifier"] == "trx proj_dim=8" and "b_over_a <= 1.5" in report["targets"] and "d_logreg" not in report
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_bench_distill_runs(episode_dataset: Path):
     report = run_benchmark("bench_distill.py", "--root", str(episode_dataset))
     for recipe in ("mm_cdfsl", "lite_mkd"):
         assert report[recipe]["distill_step_ms"] > 0 and report[recipe]["teacher_cache_s"] >= 0
+
+
+def test_bench_episodic_runs(episode_dataset: Path):
+    report = run_benchmark("bench_episodic.py", "--root", str(episode_dataset), "--workers", "0")
+    for head in ("otam", "trx"):
+        assert report[head]["clips_per_task"] == 12 and report[head]["episodic_step_ms"] > 0

@@ -197,7 +197,7 @@ def naive_trx_logits(head: TRX, support: torch.Tensor, query: torch.Tensor) -> t
     per_cardinality = []
     for ct in head.transformers:
         tuples = list(itertools.combinations(range(t_count), ct.cardinality))
-        position = sinusoid(t_count, dim) if ct.positions is not None else 0.0
+        position = sinusoid(t_count, dim) if head.positions is not None else 0.0
         query_map = ct.query if ct.query is not None else ct.key
         query_norm = ct.query_norm if ct.query_norm is not None else ct.key_norm
         distances = torch.zeros(e_count, query.shape[1], n_count)
@@ -402,3 +402,32 @@ def test_head_configs_instantiate_and_run(config: str, cls: type):
         support, query = support.mean(3, keepdim=True), query.mean(2, keepdim=True)
     logits = head(support, query)
     assert logits.shape == (2, 5, 5) and torch.isfinite(logits).all()
+
+
+def test_the_engine_embeds_each_clip_once_and_agrees_with_the_head():
+    """``episode_probabilities`` runs a head's per-clip part once per clip of the bank and matches
+    episodes on the embedded clips: the same probabilities as calling the head on each episode."""
+    from mmfsar.fewshot import episode_probabilities
+
+    torch.manual_seed(0)
+    bank = torch.randn(12, 1, 4, 8)
+    episodes = torch.stack([torch.randperm(12)[:9].view(3, 3) for _ in range(5)])  # 3-way 2-shot 1-query
+    for head in (TRX(dim=8, num_frames=4, proj_dim=6).eval(), OTAM(dim=8, num_frames=4)):
+        probs = episode_probabilities(head, bank, episodes, 2, chunk=2)
+        for e, episode in enumerate(episodes):
+            support, query = bank[episode[:, :2], 0][None], bank[episode[:, 2:], 0].reshape(1, 3, 4, 8)
+            expected = torch.softmax(head(support, query), -1).view(3, 1, 3)
+            torch.testing.assert_close(probs[e], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_trx_prototype_and_gram_forms_agree(monkeypatch):
+    from mmfsar.fewshot.matching import _CrossTransformer
+
+    torch.manual_seed(1)
+    head = TRX(dim=8, num_frames=5, proj_dim=6).eval()
+    support, query = episodes(3, 4, 2, 3, 5, 8, seed=2)
+    with torch.no_grad():
+        direct = head(support, query)
+        monkeypatch.setattr(_CrossTransformer, "PROTOTYPE_BUDGET", 0)  # force the Gram-matrix form
+        gram = head(support, query)
+    torch.testing.assert_close(direct, gram, rtol=1e-4, atol=1e-4)

@@ -97,6 +97,11 @@ class EpisodeClassifier(nn.Module, ABC):
         self.num_frames = _positive_int(num_frames, "num_frames", allow_none=True)
 
     def forward(self, support: Tensor, query: Tensor) -> Tensor:
+        self.check(support, query)
+        return self.match(self.embed(support), self.embed(query))
+
+    def check(self, support: Tensor, query: Tensor) -> None:
+        """Raise ``ValueError`` if these are not inputs this classifier takes."""
         check_episode_inputs(
             support,
             query,
@@ -104,11 +109,18 @@ class EpisodeClassifier(nn.Module, ABC):
             num_frames=self.num_frames if self.uses_frames else None,
             who=type(self).__name__,
         )
-        return self._logits(support, query)
+
+    def embed(self, clips: Tensor) -> Tensor:
+        """The part of the classifier that sees one clip at a time: (..., T, D) -> (..., R, d).
+
+        Evaluation applies it once to every clip of the feature bank and :meth:`match` to each
+        episode's embedded clips, so per-clip work (TRX's tuple projections) is not repeated in
+        every episode a clip appears in. The identity unless a classifier has such work."""
+        return clips
 
     @abstractmethod
-    def _logits(self, support: Tensor, query: Tensor) -> Tensor:
-        """Same contract as :meth:`forward`, on inputs already checked."""
+    def match(self, support: Tensor, query: Tensor) -> Tensor:
+        """Logits (E, Q, N) of embedded, checked support (E, N, K, R, d) and query (E, Q, R, d)."""
 
 
 def build_classifier(factory: Callable[..., EpisodeClassifier], *, dim: int, num_frames: int) -> EpisodeClassifier:
@@ -147,7 +159,7 @@ class PrototypeClassifier(EpisodeClassifier):
         self.metric = metric
         self.temperature = _positive_float(temperature, "temperature")
 
-    def _logits(self, support: Tensor, query: Tensor) -> Tensor:
+    def match(self, support: Tensor, query: Tensor) -> Tensor:
         prototypes, queries = _pooled(support).mean(2), _pooled(query)
         if self.metric == "cosine":
             return F.normalize(queries, dim=-1) @ F.normalize(prototypes, dim=-1).transpose(1, 2) / self.temperature
@@ -287,7 +299,7 @@ class LogisticRegressionClassifier(EpisodeClassifier):
         self.normalize = bool(normalize)
         self.n_jobs = n_jobs
 
-    def _logits(self, support: Tensor, query: Tensor) -> Tensor:
+    def match(self, support: Tensor, query: Tensor) -> Tensor:
         x, labels = _support_matrix(support)
         return torch.log_softmax(self.fit(x, labels, support.shape[1]).logits(_pooled(query)), -1)
 
@@ -456,7 +468,7 @@ class FinetuneLinearClassifier(EpisodeClassifier):
         self.init = init
         self.normalize = bool(normalize)
 
-    def _logits(self, support: Tensor, query: Tensor) -> Tensor:
+    def match(self, support: Tensor, query: Tensor) -> Tensor:
         x, labels = _support_matrix(support)
         return self.fit(x, labels, support.shape[1]).logits(_pooled(query))
 

@@ -152,8 +152,9 @@ def episode_probabilities(
     features: (clips, views, time, D), indexed by the clip positions of ``episodes`` (E, N, K + Q)
     (``EpisodeSet.tensor``: per way, K support clips then Q queries; a query's label is its way).
     The support uses view 0 and each query the average of the class probabilities of its views
-    (MM-CDFSL's ensemble masked inference). ``chunk`` episodes are solved per call of the
-    classifier (memory); ``progress`` is called with the number of episodes done after each.
+    (MM-CDFSL's ensemble masked inference). A classifier's per-clip part
+    (:meth:`~mmfsar.fewshot.EpisodeClassifier.embed`) runs once per clip, then ``chunk`` episodes
+    are matched per call (memory); ``progress`` is called with the number of episodes done after each.
     Returns (E, N, Q, N): episode, way of the query, query within the way, class probabilities.
     """
     _check_bank(features, episodes, k_shot)
@@ -161,16 +162,21 @@ def episode_probabilities(
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     episodes = episodes.to(features.device)
     total, n_way, per_way = episodes.shape
-    n_query, (_, views, time, dim) = per_way - k_shot, features.shape
-    support_bank = features[:, 0]
+    n_query, views = per_way - k_shot, features.shape[1]
     out = features.new_empty(total, n_way, n_query, n_way)
     with torch.no_grad():
+        if hasattr(classifier, "check"):  # an EpisodeClassifier: its per-clip part once per clip
+            classifier.check(features[None, :1, None, 0], features[None, :1, 0])
+            features = torch.cat([classifier.embed(part) for part in features.split(1024)])
+        time, dim = features.shape[2:]
+        support_bank = features[:, 0]
+        match = getattr(classifier, "match", classifier)
         for start in range(0, total, chunk):
             block = episodes[start : start + chunk]
             e = block.shape[0]
             support = support_bank.index_select(0, block[:, :, :k_shot].reshape(-1)).view(e, n_way, k_shot, time, dim)
             query = features.index_select(0, block[:, :, k_shot:].reshape(-1)).view(e, -1, time, dim)
-            probs = torch.softmax(classifier(support, query).float(), -1)
+            probs = torch.softmax(match(support, query).float(), -1)
             out[start : start + e] = probs.view(e, n_way, n_query, views, n_way).mean(3)
             if progress is not None:
                 progress(e)

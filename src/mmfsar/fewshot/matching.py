@@ -161,7 +161,7 @@ class OTAM(EpisodeClassifier):
         self.temperature = _positive_float(temperature, "temperature")
         self.vertical_in_first_column = bool(vertical_in_first_column)
 
-    def _logits(self, support: Tensor, query: Tensor) -> Tensor:
+    def match(self, support: Tensor, query: Tensor) -> Tensor:
         if self.shots == "mean_frames":
             support = support.mean(dim=2, keepdim=True)
         episodes, ways, shots, frames, dim = support.shape
@@ -208,12 +208,15 @@ class _CrossTransformer(nn.Module):
     tuple's projection is the sum of its ω slot rows: T·ω·D·d instead of P·ω·D·d per clip.
 
     The prototype of class c for query tuple p is t = Σ_j a_pj·Λs_j, a mix of the class's slot rows
-    (mixing weights = attention @ ``selection``); the distance Σ_p ‖t_p - Λp_p‖² is expanded into
-    Gram matrices of slot rows, so no (E, Q, N, P, d) prototype tensor is ever built; the largest
-    tensors are the clips' tuple keys (E, N, K, P, d) and the attention (E, Q, P, N, K, P).
+    (mixing weights = attention @ ``selection``). When the (E, N, Q, P, d) prototypes fit
+    ``PROTOTYPE_BUDGET`` they are formed and Σ_p ‖t_p - Λp_p‖² taken directly (fewest operations);
+    beyond it (many tuples, d_k 1152) the distance is expanded into Gram matrices of slot rows, so
+    no prototype tensor is built and the largest tensors are the clips' tuple keys (E, N, K, P, d)
+    and the attention (E, Q, P, N, K, P). :meth:`embed` is the per-clip part (keys, value slot
+    rows), which evaluation computes once per clip.
     """
 
-    POSITION_SCALE = 0.1  # the reference implementation scales its sinusoidal codes by 0.1
+    PROTOTYPE_BUDGET = 1 << 25  # floats of the (E, N, Q, P, d) prototypes; beyond it the Gram-matrix form
 
     def __init__(
         self,
@@ -222,8 +225,6 @@ class _CrossTransformer(nn.Module):
         num_frames: int,
         cardinality: int,
         proj_dim: int,
-        dropout: float,
-        position_encoding: bool,
         shared_key_query: bool,
     ) -> None:
         super().__init__()
@@ -233,9 +234,6 @@ class _CrossTransformer(nn.Module):
         selection = torch.zeros(len(tuples), num_frames * cardinality).scatter_(1, slots, 1.0)
         self.register_buffer("tuples", tuples, persistent=False)  # (P, ω), t_1 < … < t_ω
         self.register_buffer("selection", selection, persistent=False)  # (P, T·ω): the slot rows of each tuple
-        positions = _sinusoidal_positions(num_frames, dim, self.POSITION_SCALE) if position_encoding else None
-        self.register_buffer("positions", positions, persistent=False)
-        self.dropout = nn.Dropout(dropout)
         self.key = nn.Linear(cardinality * dim, proj_dim)
         self.key_norm = nn.LayerNorm(proj_dim)
         self.query = None if shared_key_query else nn.Linear(cardinality * dim, proj_dim)
@@ -264,16 +262,32 @@ class _CrossTransformer(nn.Module):
     def _keys(self, frames: Tensor, linear: nn.Linear, norm: nn.LayerNorm) -> Tensor:
         return norm(self._tuple_rows(self._slot_rows(frames, self._position_blocks(linear), linear.bias)))
 
-    def forward(self, support: Tensor, query: Tensor) -> Tensor:
-        episodes, ways, shots, frames, _ = support.shape
-        queries, tuples, slots, d = query.shape[1], self.tuples.shape[0], frames * self.cardinality, self.proj_dim
-        if self.positions is not None:
-            support, query = support + self.positions.to(support.dtype), query + self.positions.to(query.dtype)
-        support, query = self.dropout(support), self.dropout(query)
+    @property
+    def rows(self) -> int:
+        """Rows of a clip's :meth:`embed`: its tuple keys (P, and P query keys when Υ is its own
+        map) and value slot rows (T·ω)."""
+        tuples = self.tuples.shape[0]
+        return tuples * (1 if self.query is None else 2) + self.selection.shape[1]
 
-        support_keys = self._keys(support, self.key, self.key_norm)  # (E, N, K, P, d)
-        query_map, query_norm = (self.key, self.key_norm) if self.query is None else (self.query, self.query_norm)
-        query_keys = self._keys(query, query_map, query_norm)  # (E, Q, P, d)
+    def embed(self, frames: Tensor) -> Tensor:
+        """(..., T, D) position-encoded frames -> (..., rows, d): what the distances need of one
+        clip, as a support clip (keys, value slot rows) and as a query (query keys, the same
+        value slot rows)."""
+        parts = [self._keys(frames, self.key, self.key_norm)]
+        if self.query is not None:
+            parts.append(self._keys(frames, self.query, self.query_norm))
+        parts.append(self._slot_rows(frames, self._position_blocks(self.value)))
+        return torch.cat(parts, dim=-2)
+
+    def forward(self, support: Tensor, query: Tensor) -> Tensor:
+        """Distances (E, Q, N) of embedded support (E, N, K, rows, d) and query (E, Q, rows, d)."""
+        episodes, ways, shots = support.shape[:3]
+        queries, tuples, d = query.shape[1], self.tuples.shape[0], self.proj_dim
+        slots = self.selection.shape[1]
+        support_keys = support[..., :tuples, :]  # (E, N, K, P, d)
+        query_keys = query[..., :tuples, :] if self.query is None else query[..., tuples : 2 * tuples, :]  # (E, Q, P, d)
+        support_slots = support[..., -slots:, :].reshape(episodes, ways, shots * slots, d)
+        query_slots = query[..., -slots:, :]  # (E, Q, T·ω, d)
         scores = torch.bmm(
             query_keys.reshape(episodes, queries * tuples, d),
             support_keys.reshape(episodes, ways * shots * tuples, d).transpose(1, 2),
@@ -282,11 +296,14 @@ class _CrossTransformer(nn.Module):
         attention = torch.softmax(scores.view(episodes, queries, tuples, ways, shots * tuples) / math.sqrt(d), dim=-1)
         mix = attention.view(episodes, queries, tuples, ways, shots, tuples) @ self.selection.to(attention.dtype)
         mix = mix.view(episodes, queries, tuples, ways, shots * slots)  # (E, Q, P, N, K·T·ω)
-
-        value_blocks = self._position_blocks(self.value)
-        support_slots = self._slot_rows(support, value_blocks).reshape(episodes, ways, shots * slots, d)
-        query_slots = self._slot_rows(query, value_blocks)  # (E, Q, T·ω, d)
         query_values = self._tuple_rows(query_slots)  # (E, Q, P, d): Λp, no bias
+        if episodes * ways * queries * tuples * d <= self.PROTOTYPE_BUDGET:
+            # the query-specific prototypes t_p themselves, then ‖t_p - Λp_p‖²: the fewest operations
+            mix_by_class = mix.permute(0, 3, 1, 2, 4).reshape(episodes, ways, queries * tuples, shots * slots)
+            difference = (mix_by_class @ support_slots).view(episodes, ways, queries, tuples, d)
+            difference = difference.sub_(query_values.unsqueeze(1)).view(-1, 1, d)  # t_p - Λp_p, in place
+            squared = torch.bmm(difference, difference.transpose(1, 2)).view(episodes, ways, queries, tuples)
+            return squared.sum(dim=-1).transpose(1, 2) / tuples  # the reference divides by the number of tuples
 
         # ‖t_p‖² = mix_p · G · mix_p with G the Gram matrix of the class's slot rows
         mix_by_class = mix.permute(0, 3, 1, 2, 4).reshape(episodes, ways, queries * tuples, shots * slots)
@@ -328,6 +345,7 @@ class TRX(EpisodeClassifier):
     """
 
     uses_frames = True
+    POSITION_SCALE = 0.1  # the reference implementation scales its sinusoidal codes by 0.1
 
     def __init__(
         self,
@@ -361,15 +379,34 @@ class TRX(EpisodeClassifier):
                 num_frames=self.num_frames,
                 cardinality=size,
                 proj_dim=self.proj_dim,
-                dropout=float(dropout),
-                position_encoding=bool(position_encoding),
                 shared_key_query=bool(shared_key_query),
             )
             for size in self.cardinalities
         )
+        positions = _sinusoidal_positions(self.num_frames, self.dim, self.POSITION_SCALE) if position_encoding else None
+        self.register_buffer("positions", positions, persistent=False)
+        self.dropout = nn.Dropout(float(dropout))
 
-    def _logits(self, support: Tensor, query: Tensor) -> Tensor:
-        distances = torch.stack([transformer(support, query) for transformer in self.transformers], dim=-1)
+    def embed(self, clips: Tensor) -> Tensor:
+        """(..., T, D) -> (..., R, proj_dim): the position-encoded frames (dropout in training)
+        projected once per clip, the rows of every cardinality's CrossTransformer stacked."""
+        self.check_frames(clips)
+        if self.positions is not None:
+            clips = clips + self.positions.to(clips.dtype)
+        clips = self.dropout(clips)
+        return torch.cat([transformer.embed(clips) for transformer in self.transformers], dim=-2)
+
+    def check_frames(self, clips: Tensor) -> None:
+        if clips.shape[-2:] != (self.num_frames, self.dim):
+            raise ValueError(f"TRX was built for clips ({self.num_frames}, {self.dim}), got {tuple(clips.shape)}")
+
+    def match(self, support: Tensor, query: Tensor) -> Tensor:
+        distances, start = [], 0
+        for transformer in self.transformers:
+            rows = slice(start, start + transformer.rows)
+            distances.append(transformer(support[..., rows, :], query[..., rows, :]))
+            start += transformer.rows
+        distances = torch.stack(distances, dim=-1)
         if self.combine == "sum":
             return -distances.sum(dim=-1)
         return -torch.linalg.vector_norm(distances, dim=-1)
@@ -414,6 +451,6 @@ class TwoBranchHead(EpisodeClassifier):
             "support_ce": support_ce,
         }
 
-    def _logits(self, support: Tensor, query: Tensor) -> Tensor:
+    def match(self, support: Tensor, query: Tensor) -> Tensor:
         out = self.branches(support, query)
         return out["kl"] + out["ce"]
