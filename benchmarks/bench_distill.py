@@ -257,7 +257,8 @@ def bench_recipe(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
     cache_s, online_batch = None, batch
     cache = run.callbacks[0] if run.callbacks else None  # cache=frozen
     if cache is not None:  # as on fit start: teachers encode every training clip once per cached view
-        cache_s = timed(lambda: cache.on_fit_start(SimpleNamespace(datamodule=dm), distill))
+        trainer = SimpleNamespace(datamodule=dm, strategy=SimpleNamespace(root_device=torch.device("cpu")))
+        cache_s = timed(lambda: cache.setup(trainer, distill, "fit"))
         batch = first_batch(dm)  # now the student's modality only (and each clip's view)
     run_steps = distill_cfg.trainer.max_epochs * max(len(loader) for loader in dm.train_dataloader().values())
     cached_clips = sum(len(ds) for ds in dm.train_sets.values())

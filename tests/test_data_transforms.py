@@ -15,15 +15,15 @@ from mmfsar.errors import ConfigError, DataError
 from mmfsar.data.meta import DatasetFolder
 from mmfsar.data.transforms import (
     ClipAugmentation,
-    SpatialParams,
+    ClipParams,
     UniformSegments,
     crop_resize,
     gaussian_heatmaps,
     transform_keypoints,
 )
 
-FULL = SpatialParams()
-FULL_FLIP = SpatialParams(flip=True)
+FULL = ClipParams()
+FULL_FLIP = ClipParams(flip=True)
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +95,13 @@ def test_min_frames_is_an_error_naming_the_clip():
 
 
 # ------------------------------------------------------------------------------------------------
-# SpatialParams / ClipAugmentation / crop_resize
+# ClipParams / ClipAugmentation / crop_resize
 # ------------------------------------------------------------------------------------------------
 
 
 def test_evaluation_crop_is_the_largest_centred_square():
     aug = ClipAugmentation()
-    assert aug.sample(1.0, train=False) == SpatialParams(0.0, 0.0, 1.0, 1.0, False)
+    assert aug.sample(1.0, train=False) == ClipParams(0.0, 0.0, 1.0, 1.0, False)
     wide = aug.sample(456 / 256, train=False)  # EPIC frames: 256 x 456
     assert wide.box(256, 456) == (0, 100, 256, 256)
     tall = aug.sample(0.5, train=False)
@@ -127,9 +127,9 @@ def test_training_crops_are_squares_of_the_requested_area_inside_the_frame():
 
 def test_crop_resize_crops_the_box_and_flips():
     img = torch.arange(16.0).view(1, 1, 4, 4)
-    box = SpatialParams(top=0.25, left=0.5, height=0.5, width=0.5)
+    box = ClipParams(top=0.25, left=0.5, height=0.5, width=0.5)
     np.testing.assert_array_equal(crop_resize(img, box, 2)[0, 0].numpy(), [[6, 7], [10, 11]])
-    flipped = SpatialParams(top=0.25, left=0.5, height=0.5, width=0.5, flip=True)
+    flipped = ClipParams(top=0.25, left=0.5, height=0.5, width=0.5, flip=True)
     np.testing.assert_array_equal(crop_resize(img, flipped, 2)[0, 0].numpy(), [[7, 6], [11, 10]])
     # up-sampling a constant stays constant; 2x nearest of the box duplicates pixels
     np.testing.assert_array_equal(crop_resize(img, box, 4, mode="nearest")[0, 0, 0].numpy(), [6, 6, 7, 7])
@@ -137,11 +137,11 @@ def test_crop_resize_crops_the_box_and_flips():
 
 def test_transform_keypoints_uses_the_pixel_centre_convention():
     # box rows/cols [16, 48) of a 64 frame resized to 64: scale 2 about pixel centres
-    p = SpatialParams(0.25, 0.25, 0.5, 0.5)
+    p = ClipParams(0.25, 0.25, 0.5, 0.5)
     xy = torch.tensor([[16.0, 16.0], [47.0, 20.0], [31.5, 31.5]])
     out = transform_keypoints(xy, p, (64, 64), 64)
     np.testing.assert_allclose(out.numpy(), [[0.5, 0.5], [62.5, 8.5], [31.5, 31.5]])
-    out = transform_keypoints(xy, SpatialParams(0.25, 0.25, 0.5, 0.5, True), (64, 64), 64)
+    out = transform_keypoints(xy, ClipParams(0.25, 0.25, 0.5, 0.5, True), (64, 64), 64)
     np.testing.assert_allclose(out.numpy(), [[62.5, 0.5], [0.5, 8.5], [31.5, 31.5]])
 
 
@@ -176,8 +176,8 @@ def test_flow_displacements_scale_with_the_resize_and_flip_negates_x(make_modali
     cases = {  # params: expected (u, v) in output pixels; 32 -> 64 is x2, a half-size box x4
         FULL: (3.0, -1.0),
         FULL_FLIP: (-3.0, -1.0),
-        SpatialParams(0.25, 0.25, 0.5, 0.5): (6.0, -2.0),
-        SpatialParams(0.0, 0.5, 0.5, 0.5, True): (-6.0, -2.0),
+        ClipParams(0.25, 0.25, 0.5, 0.5): (6.0, -2.0),
+        ClipParams(0.0, 0.5, 0.5, 0.5, True): (-6.0, -2.0),
     }
     for params, (u, v) in cases.items():
         out = flow.to_tensor(raw, params)
@@ -219,7 +219,7 @@ def _centroid_x(img: torch.Tensor) -> float:
     return float((w.sum(0) * cols).sum() / w.sum())
 
 
-@pytest.mark.parametrize("params", [FULL, FULL_FLIP, SpatialParams(0.125, 0.0, 0.75, 0.75, True)])
+@pytest.mark.parametrize("params", [FULL, FULL_FLIP, ClipParams(0.125, 0.0, 0.75, 0.75, True)])
 def test_transformed_flow_predicts_the_motion_of_the_transformed_rgb(bound, make_modalities, params):
     """Same params for both streams: the output flow at the square equals the motion of the
     square between consecutive output RGB frames, in output pixels, flip included."""
@@ -412,3 +412,44 @@ def test_pose_keypoints_fall_on_the_figure_in_depth_after_random_crops(tiny_data
     assert total >= 40
     assert hits / total > 0.9
     assert wrong_hits / total < hits / total - 0.2
+
+
+def test_colour_jitter_by_hand():
+    from mmfsar.data.transforms import ColourParams, colour_jitter
+
+    pixel = torch.tensor([0.8, 0.4, 0.2]).view(1, 3, 1, 1)
+    luma = 0.299 * 0.8 + 0.587 * 0.4 + 0.114 * 0.2  # 0.4968
+    assert torch.allclose(colour_jitter(pixel, ColourParams()), pixel, atol=1e-6), "no jitter: unchanged"
+    grey = colour_jitter(pixel, ColourParams(grayscale=True))
+    assert torch.allclose(grey, torch.full_like(pixel, luma), atol=1e-6)
+    half = colour_jitter(pixel, ColourParams(saturation=0.5))
+    assert torch.allclose(half, luma + 0.5 * (pixel - luma), atol=1e-6)
+    assert torch.allclose(colour_jitter(pixel, ColourParams(brightness=1.5)), (1.5 * pixel).clamp(0, 1), atol=1e-6)
+    # a hue rotation keeps the luma (of a colour that stays in range), and a full turn is the identity
+    mild = torch.tensor([0.6, 0.5, 0.4]).view(1, 3, 1, 1)
+    turned = colour_jitter(mild, ColourParams(hue=0.25))
+    assert not torch.allclose(turned, mild, atol=1e-2)
+    assert (turned * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum().item() == pytest.approx(0.5185, abs=1e-5)
+    assert torch.allclose(colour_jitter(pixel, ColourParams(hue=1.0)), pixel, atol=1e-5)
+    # contrast scales about the clip's mean luma
+    two = torch.stack([torch.full((3, 1, 1), 0.2), torch.full((3, 1, 1), 0.6)])
+    assert torch.allclose(colour_jitter(two, ColourParams(contrast=2.0)), torch.stack([torch.zeros(3, 1, 1), torch.full((3, 1, 1), 0.8)]), atol=1e-6)
+
+
+def test_colour_jitter_is_drawn_only_when_asked_and_only_colour_streams_apply_it(tiny_dataset, make_modalities):
+    from mmfsar.data.transforms import ClipAugmentation
+
+    plain = ClipAugmentation().sample(1.0, train=True, generator=torch.Generator().manual_seed(3))
+    jittered = ClipAugmentation(hue=0.5, saturation=1.0).sample(1.0, train=True, generator=torch.Generator().manual_seed(3))
+    assert plain.colour is None and jittered.colour is not None
+    assert (plain.top, plain.left, plain.flip) == (jittered.top, jittered.left, jittered.flip), "the crop draws do not change"
+    assert -0.5 <= jittered.colour.hue <= 0.5 and 0.5 <= jittered.colour.saturation <= 2.0
+    from mmfsar.data.meta import DatasetFolder
+
+    folder = DatasetFolder.open(tiny_dataset)
+    mods = {k: m.bind(folder) for k, m in make_modalities("rgb", "flow").items()}
+    rec = folder.records[0]
+    frames = np.arange(4)
+    for name, m in mods.items():
+        a, b = m(rec, frames, plain), m(rec, frames, jittered)
+        assert torch.equal(a, b) == (name == "flow"), name

@@ -20,7 +20,7 @@ from mmfsar.data.dataset import UNLABELLED, ClipDataset, ClipViews
 from mmfsar.errors import ConfigError, DataError
 from mmfsar.data.meta import DatasetFolder
 from mmfsar.data.readers import FrameReader
-from mmfsar.data.transforms import ClipAugmentation, SpatialParams, UniformSegments
+from mmfsar.data.transforms import ClipAugmentation, ClipParams, UniformSegments
 
 ALL = ("rgb", "flow", "pose", "pose_keypoints", "depth")
 TINY_EPISODES = {"n_way": 2, "k_shot": 1, "n_query": 2, "episodes": 6, "seed": 0}
@@ -117,7 +117,7 @@ def test_frame_range_beyond_the_stored_video_names_the_clip(tiny_dataset, make_m
     for name in ("flow", "rgb"):
         m = make_modalities(name)[name].bind(folder)
         with pytest.raises(DataError, match=rf"clip '{rec.clip_id}', {name}: .*{rec.video}"):
-            m(bad, UniformSegments(8)(bad.start_frame, bad.end_frame, jitter=False), SpatialParams())
+            m(bad, UniformSegments(8)(bad.start_frame, bad.end_frame, jitter=False), ClipParams())
 
 
 def test_training_modules_only_train_on_base_classes_and_never_see_novel(tiny_dataset, make_modalities):

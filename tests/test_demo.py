@@ -17,7 +17,7 @@ MODELS = [
     "RGB only (baseline)",
     "flow only",
     "pose only",
-    "fusion teacher (rgb+flow+pose)",
+    "multimodal teacher (Lite-MKD: MFM + TRX)",
     "RGB student, MM-CDFSL",
     "RGB student, Lite-MKD",
 ]
@@ -36,6 +36,7 @@ def test_demo_pipeline_reduced(tmp_path):
         "--override", "trainer.max_epochs=1",
         "--override", "trainer.check_val_every_n_epoch=1",
         "--override", "data.num_workers=0",
+        "--tasks", "4",
         "--quiet",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
@@ -58,6 +59,7 @@ def test_demo_pipeline_reduced(tmp_path):
     assert all(m in table for m in MODELS)
     assert (out / "results.png").stat().st_size > 0
     timings = json.loads((out / "timings.json").read_text())
-    stages = ["generate data", "pretrain rgb", "pretrain flow", "pretrain pose", "fusion teacher"]
-    stages += ["distill mm_cdfsl", "distill lite_mkd", "evaluate 5-way 1-shot", "evaluate 5-way 5-shot", "total"]
+    stages = ["generate data", "pretrain rgb", "pretrain flow", "pretrain pose", "Lite-MKD teacher"]
+    stages += ["distill MM-CDFSL", "distill Lite-MKD"]
+    stages += [f"evaluate 5-way {k}-shot, {kind}" for k in (1, 5) for kind in ("logreg", "head")] + ["total"]
     assert list(timings) == stages and all(v > 0 for v in timings.values())

@@ -319,7 +319,7 @@ def test_cached_teacher_views_are_what_the_teachers_give_on_the_students_inputs(
     module = module_cls.build(cfg.model, datamodule)
     cache = instantiate(cfg.cache)
     torch.manual_seed(0)
-    cache.on_fit_start(SimpleNamespace(datamodule=datamodule), module)
+    cache.setup(SimpleNamespace(datamodule=datamodule, strategy=SimpleNamespace(root_device=torch.device("cpu"))), module, "fit")
     assert module.frozen_cache is cache and cache.tables["target"]["rgb"].pooled.shape[0] == 3
     views = set()
     for batch in datamodule.train_dataloader()["target"]:
@@ -419,3 +419,18 @@ def test_partial_validation_in_distillation_is_skipped_with_a_warning(mm_cdfsl_p
         home=wandb_home,
     )
     assert "val/acc needs every val clip encoded" in output and (tmp_path / "fast" / "encoder.pt").is_file()
+
+
+def test_cache_with_persistent_loader_workers(mm_cdfsl_pretrained, episode_dataset, tmp_path, wandb_home):
+    """The frozen-output cache is in place before Lightning builds the training loaders: with
+    persistent worker processes (``data.num_workers=2``) every batch carries the cached view."""
+    run_entry(
+        "lit_main_distill.py",
+        "experiment=mm_cdfsl_tiny/distill",
+        *mm_cdfsl_teachers(mm_cdfsl_pretrained),
+        f"hydra.run.dir={tmp_path / 'workers'}",
+        *[o for o in tiny(episode_dataset) if o != "data.num_workers=0"],
+        "data.num_workers=2",
+        home=wandb_home,
+    )
+    assert (tmp_path / "workers" / "encoder.pt").is_file()

@@ -66,9 +66,9 @@ def test_frozen_cache_refuses_modules_it_cannot_serve():
     cache = FrozenOutputCache(views=2)
     trainer = SimpleNamespace(datamodule=None)
     with pytest.raises(ConfigError, match="has no frozen models"):
-        cache.on_fit_start(trainer, SimpleNamespace(frozen_models=lambda: {}))
+        cache.setup(trainer, SimpleNamespace(frozen_models=lambda: {}), "fit")
     masked = SimpleNamespace(frozen_models=lambda: {"t": MeanEncoder()}, mask_ratio=0.75)
     with pytest.raises(ConfigError, match="mask_ratio=0"):
-        cache.on_fit_start(trainer, masked)
+        cache.setup(trainer, masked, "fit")
     with pytest.raises(ConfigError, match="cache.views must be >= 0"):
         FrozenOutputCache(views=-1)

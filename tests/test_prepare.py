@@ -340,13 +340,13 @@ def test_pose_from_coco_json_maps_frames_and_coordinates(small_dataset, tmp_path
         np.testing.assert_allclose(pose[k, :, 2], src[:, 2], atol=1e-6)
 
     from mmfsar.data.modalities import Pose, PoseKeypoints
-    from mmfsar.data.transforms import SpatialParams
+    from mmfsar.data.transforms import ClipParams
 
     folder = DatasetFolder.open(small_dataset)
     rec = folder.records[0]
     idx = np.arange(0, 16, 2)
-    assert tuple(Pose(name="pose", size=32).bind(folder)(rec, idx, SpatialParams()).shape) == (17, 8, 32, 32)
-    assert tuple(PoseKeypoints(name="k", stream="pose").bind(folder)(rec, idx, SpatialParams()).shape) == (3, 8, 17)
+    assert tuple(Pose(name="pose", size=32).bind(folder)(rec, idx, ClipParams()).shape) == (17, 8, 32, 32)
+    assert tuple(PoseKeypoints(name="k", stream="pose").bind(folder)(rec, idx, ClipParams()).shape) == (3, 8, 17)
 
 
 def test_pose_from_openpose_and_npy(small_dataset, tmp_path):

@@ -134,12 +134,12 @@ def test_cli_flow_dataset_formats_validate_and_load(tmp_path, capsys, fmt, tol):
 
     # the flow modality loads a clip with the documented shape
     from mmfsar.data.modalities import Flow
-    from mmfsar.data.transforms import SpatialParams, UniformSegments
+    from mmfsar.data.transforms import ClipParams, UniformSegments
 
     folder = DatasetFolder.open(root)
     modality = Flow(name="flow", size=32).bind(folder)
     rec = folder.records[0]
-    x = modality(rec, UniformSegments(4)(rec.start_frame, rec.end_frame, jitter=False), SpatialParams())
+    x = modality(rec, UniformSegments(4)(rec.start_frame, rec.end_frame, jitter=False), ClipParams())
     assert tuple(x.shape) == (2, 4, 32, 32)
 
 

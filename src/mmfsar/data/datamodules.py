@@ -238,8 +238,8 @@ class TrainingDataModule(ClipDataModule):
     def configure_training(self, *, views: int, seed: int, modalities: list[str]) -> None:
         """From now on, training batches carry only ``modalities`` (the others come from a cache)
         and, with ``views > 0``, each clip is drawn from its ``views`` fixed seeded views (the
-        batch says which in ``"view"``). The training sets change in place: Lightning may have
-        built the training loaders already (to count the steps of the lr schedule)."""
+        batch says which in ``"view"``). Call it before the training loaders are built (their
+        persistent workers keep a copy of the training sets)."""
         for ds in self.train_sets.values():
             ds.modalities = {m: self.modalities[m] for m in modalities}
             ds.views, ds.view_seed = views, seed

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 
 from mmfsar.data.meta import ClipRecord
 from mmfsar.data.modalities import Modality
-from mmfsar.data.transforms import ClipAugmentation, SpatialParams, UniformSegments
+from mmfsar.data.transforms import ClipAugmentation, ClipParams, UniformSegments
 
 UNLABELLED = -1
 
@@ -74,7 +74,7 @@ class ClipDataset(Dataset):
             item["view"] = view
         return item
 
-    def draw(self, rec: ClipRecord, view: int | None) -> tuple[np.ndarray, SpatialParams]:
+    def draw(self, rec: ClipRecord, view: int | None) -> tuple[np.ndarray, ClipParams]:
         """Frame indices and spatial parameters of one load of ``rec``: of its fixed ``view``, or
         (None) freshly random when training, deterministic otherwise."""
         generator = None if view is None else view_generator(self.view_seed, rec.clip_id, view)

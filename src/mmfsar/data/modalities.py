@@ -17,7 +17,7 @@ import torch
 from mmfsar.errors import ConfigError, DataError
 from mmfsar.data.meta import ClipRecord, DatasetFolder, DatasetMeta
 from mmfsar.data.readers import FrameReader
-from mmfsar.data.transforms import SpatialParams, crop_resize, gaussian_heatmaps, transform_keypoints
+from mmfsar.data.transforms import ClipParams, colour_jitter, crop_resize, gaussian_heatmaps, transform_keypoints
 
 
 class Modality(ABC):
@@ -98,10 +98,10 @@ class Modality(ABC):
         """A description of what is wrong with the raw array's shape or type, or None."""
 
     @abstractmethod
-    def to_tensor(self, raw: np.ndarray, params: SpatialParams) -> torch.Tensor:
+    def to_tensor(self, raw: np.ndarray, params: ClipParams) -> torch.Tensor:
         """Raw frames -> transformed, normalised tensor."""
 
-    def __call__(self, record: ClipRecord, indices: np.ndarray, params: SpatialParams) -> torch.Tensor:
+    def __call__(self, record: ClipRecord, indices: np.ndarray, params: ClipParams) -> torch.Tensor:
         return self.to_tensor(self.load(record, indices), params)
 
     def __repr__(self) -> str:
@@ -148,8 +148,10 @@ class RGB(Modality):
             return f"expected uint8 frames (T, H, W, 3), got {raw.dtype} {raw.shape}"
         return None
 
-    def to_tensor(self, raw: np.ndarray, params: SpatialParams) -> torch.Tensor:
+    def to_tensor(self, raw: np.ndarray, params: ClipParams) -> torch.Tensor:
         x = crop_resize(_images(raw) / 255.0, params, self.size)  # (T, 3, S, S)
+        if params.colour is not None:
+            x = colour_jitter(x, params.colour)
         return (x.permute(1, 0, 2, 3) - self.mean) / self.std
 
 
@@ -173,7 +175,7 @@ class Flow(Modality):
             return f"expected float flow (T, H, W, 2), got {raw.dtype} {raw.shape}"
         return None
 
-    def to_tensor(self, raw: np.ndarray, params: SpatialParams) -> torch.Tensor:
+    def to_tensor(self, raw: np.ndarray, params: ClipParams) -> torch.Tensor:
         x = _images(raw)  # (T, 2, H, W)
         _, _, h, w = params.extent(x.shape[-2], x.shape[-1])
         x = crop_resize(x, params, self.size)
@@ -205,7 +207,7 @@ class Depth(Modality):
             return f"expected depth maps (T, H, W), got {raw.dtype} {raw.shape}"
         return None
 
-    def to_tensor(self, raw: np.ndarray, params: SpatialParams) -> torch.Tensor:
+    def to_tensor(self, raw: np.ndarray, params: ClipParams) -> torch.Tensor:
         x = _images(raw.astype(np.float32)) / (self.units_per_meter * self.max_depth)
         return crop_resize(x, params, self.size).permute(1, 0, 2, 3)
 
@@ -233,7 +235,7 @@ class _Keypoints(Modality):
             return f"expected keypoints (T, {self.num_joints}, 2|3), got {raw.dtype} {raw.shape}"
         return None
 
-    def _keypoints(self, raw: np.ndarray, params: SpatialParams, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _keypoints(self, raw: np.ndarray, params: ClipParams, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         kp = torch.from_numpy(np.asarray(raw, dtype=np.float32))
         conf = kp[..., 2] if kp.shape[-1] == 3 else torch.ones(kp.shape[:-1])
         xy = transform_keypoints(kp[..., :2], params, self.frame_hw, size)
@@ -254,7 +256,7 @@ class Pose(_Keypoints):
     def channels(self) -> int:
         return self.num_joints
 
-    def to_tensor(self, raw: np.ndarray, params: SpatialParams) -> torch.Tensor:
+    def to_tensor(self, raw: np.ndarray, params: ClipParams) -> torch.Tensor:
         xy, conf = self._keypoints(raw, params, self.size)
         return gaussian_heatmaps(xy, conf, self.size, self.sigma)
 
@@ -273,7 +275,7 @@ class PoseKeypoints(_Keypoints):
         edges = [list(e) for e in self.meta.edges]
         return {"in_channels": 3, "num_joints": self.num_joints, "edges": edges, **self.encoder_args}
 
-    def to_tensor(self, raw: np.ndarray, params: SpatialParams) -> torch.Tensor:
+    def to_tensor(self, raw: np.ndarray, params: ClipParams) -> torch.Tensor:
         xy, conf = self._keypoints(raw, params, self.size)
         xy = (xy + 0.5) / self.size * 2 - 1
         return torch.cat([xy, conf[..., None]], dim=-1).permute(2, 0, 1).contiguous()

@@ -1,7 +1,7 @@
 """Temporal sampling and clip-consistent spatial transforms.
 
 Every modality of one clip is sampled at the same frame indices and cropped / flipped with the
-same :class:`SpatialParams`; each modality applies them with its own semantics (a flip negates
+same :class:`ClipParams`; each modality applies them with its own semantics (a flip negates
 flow-x and swaps left/right pose joints), so the streams of a clip always stay aligned.
 """
 
@@ -53,14 +53,29 @@ class UniformSegments:
 
 
 @dataclass(frozen=True)
-class SpatialParams:
-    """A crop box as fractions of the frame (so it fits modalities stored at any resolution)."""
+class ColourParams:
+    """Photometric jitter of one clip (colour streams only): hue rotated by ``hue`` turns, then
+    saturation, brightness and contrast scaled by their factors, or the clip made grey."""
+
+    hue: float = 0.0
+    saturation: float = 1.0
+    brightness: float = 1.0
+    contrast: float = 1.0
+    grayscale: bool = False
+
+
+@dataclass(frozen=True)
+class ClipParams:
+    """One clip's augmentation, shared by all its streams: a crop box as fractions of the frame (so
+    it fits modalities stored at any resolution), a horizontal flip, and the photometric jitter
+    that colour streams apply (``colour``; None: none)."""
 
     top: float = 0.0
     left: float = 0.0
     height: float = 1.0
     width: float = 1.0
     flip: bool = False
+    colour: ColourParams | None = None
 
     def extent(self, frame_h: int, frame_w: int) -> tuple[float, float, float, float]:
         """Exact (top, left, height, width) of the box in pixels of a ``frame_h x frame_w`` grid."""
@@ -77,28 +92,70 @@ class SpatialParams:
 
 @dataclass(frozen=True)
 class ClipAugmentation:
-    """Samples one :class:`SpatialParams` per clip.
+    """Samples one :class:`ClipParams` per clip.
 
     Training: a random square crop whose area is ``[min_scale, 1]`` of the largest centred
-    square, anywhere in the frame, flipped horizontally with probability ``flip_prob``.
-    Evaluation: the largest centred square, never flipped.
+    square, anywhere in the frame, flipped horizontally with probability ``flip_prob``; and, when
+    any is set, a photometric jitter for colour streams: a hue rotation of up to ``hue`` turns
+    either way, saturation / brightness / contrast factors drawn log-uniformly from
+    ``[1/(1+x), 1+x]`` for x = ``saturation`` / ``brightness`` / ``contrast``, and grey with
+    probability ``grayscale_prob``. Why: the appearance of a scene (palette, lighting, contrast) is
+    what changes between visual domains, the motion is not, so a colour stream trained invariant
+    to it transfers across domains. Evaluation: the largest centred square, no jitter.
     """
 
     min_scale: float = 0.6
     flip_prob: float = 0.5
+    hue: float = 0.0
+    saturation: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    grayscale_prob: float = 0.0
 
-    def sample(self, aspect: float, *, train: bool, generator: torch.Generator | None = None) -> SpatialParams:
+    def sample(self, aspect: float, *, train: bool, generator: torch.Generator | None = None) -> ClipParams:
         """``aspect`` = frame width / height; ``generator``: draw from it instead of torch's global RNG."""
         side_h, side_w = (1.0, 1.0 / aspect) if aspect >= 1 else (aspect, 1.0)
         if not train:
-            return SpatialParams((1 - side_h) / 2, (1 - side_w) / 2, side_h, side_w, False)
+            return ClipParams((1 - side_h) / 2, (1 - side_w) / 2, side_h, side_w, False)
         r = torch.rand(4, generator=generator).tolist()
         s = math.sqrt(self.min_scale + (1 - self.min_scale) * r[0])
         h, w = side_h * s, side_w * s
-        return SpatialParams(r[1] * (1 - h), r[2] * (1 - w), h, w, r[3] < self.flip_prob)
+        colour = None
+        if self.hue or self.saturation or self.brightness or self.contrast or self.grayscale_prob:
+            c = torch.rand(5, generator=generator).tolist()
+            factor = lambda x, u: math.exp((2 * u - 1) * math.log1p(x))  # noqa: E731
+            colour = ColourParams(
+                hue=(2 * c[0] - 1) * self.hue,
+                saturation=factor(self.saturation, c[1]),
+                brightness=factor(self.brightness, c[2]),
+                contrast=factor(self.contrast, c[3]),
+                grayscale=c[4] < self.grayscale_prob,
+            )
+        return ClipParams(r[1] * (1 - h), r[2] * (1 - w), h, w, r[3] < self.flip_prob, colour)
 
 
-def crop_resize(frames: torch.Tensor, params: SpatialParams, size: int, mode: str = "bilinear") -> torch.Tensor:
+def colour_jitter(frames: torch.Tensor, colour: ColourParams) -> torch.Tensor:
+    """(T, 3, H, W) RGB in [0, 1] -> jittered, clamped to [0, 1]. The hue is rotated about the
+    grey axis in YIQ (a linear map), saturation blends with the luma, contrast scales about the
+    clip's mean luma."""
+    luma_weights = frames.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    if colour.hue:
+        angle = 2 * math.pi * colour.hue
+        cos, sin = math.cos(angle), math.sin(angle)
+        to_yiq = frames.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+        rotation = frames.new_tensor([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+        frames = torch.einsum("ij,tjhw->tihw", torch.linalg.inv(to_yiq) @ rotation @ to_yiq, frames)
+    luma = (frames * luma_weights).sum(1, keepdim=True)
+    if colour.grayscale:
+        frames = luma.expand_as(frames)
+    else:
+        frames = luma + colour.saturation * (frames - luma)
+    frames = frames * colour.brightness
+    mean = (frames * luma_weights).sum(1, keepdim=True).mean()
+    return (mean + colour.contrast * (frames - mean)).clamp(0.0, 1.0)
+
+
+def crop_resize(frames: torch.Tensor, params: ClipParams, size: int, mode: str = "bilinear") -> torch.Tensor:
     """(T, C, H, W) -> (T, C, size, size): resample the box, flip.
 
     The box is taken at its exact, fractional position in this stream's pixels (not rounded to
@@ -125,7 +182,7 @@ def crop_resize(frames: torch.Tensor, params: SpatialParams, size: int, mode: st
 
 
 def transform_keypoints(
-    xy: torch.Tensor, params: SpatialParams, frame_hw: tuple[int, int], size: int
+    xy: torch.Tensor, params: ClipParams, frame_hw: tuple[int, int], size: int
 ) -> torch.Tensor:
     """Pixel coordinates (..., 2) in the stored frame -> pixel coordinates in the output grid.
 

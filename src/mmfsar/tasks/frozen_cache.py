@@ -18,9 +18,10 @@ Which inputs the frozen models encode is ``views``:
   augmentations per clip instead of one per epoch. The one-off cost is K passes over the clips,
   each clip's streams read (videos decoded) once for all its views.
 
-It is a Lightning callback: on ``fit`` start it asks the module for its ``frozen_models()`` and
-``trained_modalities``, encodes, tells the data module what to serve from now on, and gives the
-module the cache (``module.frozen_cache``); a resumed run rebuilds it the same way.
+It is a Lightning callback: when ``fit`` sets up (before the training loaders exist) it asks the
+module for its ``frozen_models()`` and ``trained_modalities``, encodes, tells the data module what
+to serve from now on, and gives the module the cache (``module.frozen_cache``); a resumed run
+rebuilds it the same way.
 """
 
 from __future__ import annotations
@@ -65,13 +66,20 @@ class FrozenOutputCache(Callback):
         self.seed = seed
         self.tables: dict[str, dict[str, _Table]] = {}
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Before Lightning builds the training loaders (which a persistent worker would keep a copy
+        of), on the device training will run on."""
+        if stage != "fit":
+            return
         models = pl_module.frozen_models()
         if not models:
             raise ConfigError(f"cache: {type(pl_module).__name__} has no frozen models whose outputs could be cached; drop cache=")
         if getattr(pl_module, "mask_ratio", 0.0) > 0:
             raise ConfigError("cache needs unmasked frozen models (mask_ratio=0): masked outputs change at every step")
-        self.build(models, trainer.datamodule, pl_module.device)
+        device = trainer.strategy.root_device
+        for model in models.values():
+            model.to(device)
+        self.build(models, trainer.datamodule, device)
         trainer.datamodule.configure_training(
             views=self.views, seed=self._seed, modalities=list(pl_module.trained_modalities)
         )
