@@ -2,22 +2,31 @@
 
 A modality is a reader (chosen by the dataset's ``meta.json``), a way to check raw frames, the
 spatial transform with the stream's own semantics, and a normalisation. Every modality returns
-a float tensor ``(C, T, size, size)`` (keypoints: ``(C, T, J)``). Adding a modality is a subclass
-here (or anywhere importable) plus a file in ``configs/modality/``.
+a float tensor ``(C, T, size, size)`` (keypoints: ``(C, T, J)``; 3D skeletons: ``(C, T, V, M)``).
+Adding a modality is a subclass here (or anywhere importable) plus a file in ``configs/modality/``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from mmfsar.errors import ConfigError, DataError
-from mmfsar.data.meta import ClipRecord, DatasetFolder, DatasetMeta
+from mmfsar.data.meta import META_FILE, ClipRecord, DatasetFolder, DatasetMeta
 from mmfsar.data.readers import FrameReader
-from mmfsar.data.transforms import ClipParams, colour_jitter, crop_resize, gaussian_heatmaps, transform_keypoints
+from mmfsar.data.skeleton import DERIVED_MODALITIES, SkeletonLayout, layout_of, to_graph_layout
+from mmfsar.data.transforms import (
+    ClipParams,
+    colour_jitter,
+    crop_resize,
+    gaussian_heatmaps,
+    shear_points,
+    transform_keypoints,
+)
 
 
 class Modality(ABC):
@@ -90,8 +99,12 @@ class Modality(ABC):
         if problem is None and np.issubdtype(raw.dtype, np.floating) and not np.isfinite(raw).all():
             problem = f"{self.reader.locate(record.video)} holds NaN or inf values"
         if problem:
-            raise DataError(f"clip {record.clip_id!r}, {self.name} of video {record.video!r}: {problem}")
+            raise DataError(f"{self._where(record)}: {problem}")
         return raw
+
+    def _where(self, record: ClipRecord) -> str:
+        """How errors about ``record``'s frames name it."""
+        return f"clip {record.clip_id!r}, {self.name} of video {record.video!r}"
 
     @abstractmethod
     def check_frames(self, raw: np.ndarray) -> str | None:
@@ -279,3 +292,162 @@ class PoseKeypoints(_Keypoints):
         xy, conf = self._keypoints(raw, params, self.size)
         xy = (xy + 0.5) / self.size * 2 - 1
         return torch.cat([xy, conf[..., None]], dim=-1).permute(2, 0, 1).contiguous()
+
+
+class SkeletonFrames(np.ndarray):
+    """Joints ``(T, M, V, 3)`` of the sampled frames of one clip that carry ``source_frames``, the
+    clip's length F before sampling (IKEM's time factor ``s = T / F`` needs it).
+
+    A plain ``ndarray`` subclass, so F travels with the frames through indexing (:class:`ClipViews`
+    loads the frames of all views once and hands each view a subset to :meth:`Skeleton.to_tensor`).
+    """
+
+    source_frames: int | None
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self.source_frames = getattr(obj, "source_frames", None)
+
+
+class Skeleton(Modality):
+    """3D skeletons ``(T, M, V, 3)`` (metres, M bodies, zeros where a joint or body is lost) as a
+    graph signal ``(3, T, V, M)`` for ST-GCN-style encoders, in one of IKEM's six modalities.
+
+    Args:
+        derived: the modality computed from the joints after the augmentation, a name of
+            :data:`~mmfsar.data.skeleton.DERIVED_MODALITIES` (``joint``, ``motion``, ``bone``,
+            ``acceleration``, ``rotation_axis``, ``angular_velocity``): one stored stream serves
+            all six (METHODS.md section 3, IKEM), each selected as its own modality config.
+        persons: bodies in the output (M): extra bodies are dropped (the NTU importer stores the
+            most moving body first), missing ones are zeros.
+        centre: move the origin to the layout's root joint of the first body in the first sampled
+            frame where it is tracked (or, if never, to the mean of the tracked joints): NTU
+            streams are stored as the sensor gave them, in camera space, and the place of the
+            camera says nothing about the action, while the shear should act about the body.
+            Lost joints stay zeros.
+
+    The layout (joint names, parents, torso) comes from ``meta.json``'s ``"skeleton"``
+    (:func:`~mmfsar.data.skeleton.layout_of`); stored values are divided by the stream's
+    ``units_per_meter`` (default 1). Per clip, in this order: centring, the horizontal flip
+    (x negated and left / right joints swapped by the layout's flip permutation), the shear
+    ``p -> S p`` of :class:`~mmfsar.data.transforms.ClipAugmentation`, then the derived modality,
+    so every derived modality sees the same augmented joints. The crop box and the colour jitter
+    are image transforms and do not apply; the temporal crop-and-resize is the frame sampler's.
+
+    **Time factor.** The motion modalities need F, the clip's frame count before sampling, for
+    IKEM's ``s = T / F`` (T = the sampled frames; ``s = 50 / F`` in IKEM): :meth:`load` takes it
+    from the clip record (``record.num_frames``, the annotated range, whatever the temporal crop
+    takes: a shorter window then also looks faster to the motion modalities, as IKEM's F is fixed
+    per clip too) and returns the frames as :class:`SkeletonFrames`, which carry it to
+    :meth:`to_tensor`.
+
+    Bad files are a :class:`DataError` naming the clip and the file: a wrong rank or joint count,
+    NaN / inf (the base class's check), or a clip whose every joint is zero (no tracked body in
+    any frame of its range; sampled frames that are all zero in a clip with tracked frames
+    elsewhere are a lost body, not an error).
+    """
+
+    def __init__(self, *, derived: str = "joint", persons: int = 2, centre: bool = True, **kwargs: Any) -> None:
+        kwargs["stream"] = kwargs.get("stream") or "skeleton"
+        super().__init__(**kwargs)
+        if derived not in DERIVED_MODALITIES:
+            raise ConfigError(
+                f"modality {self.name!r}: unknown derived skeleton modality {derived!r}; "
+                f"known: {sorted(DERIVED_MODALITIES)}"
+            )
+        if int(persons) < 1:
+            raise ConfigError(f"modality {self.name!r}: persons must be >= 1, got {persons}")
+        self.derived = derived
+        self.persons = int(persons)
+        self.centre = bool(centre)
+        self.layout: SkeletonLayout | None = None
+        self.units_per_meter = 1.0
+        self._meta_file: Path | str = META_FILE  # named in errors; the dataset's file once bound
+
+    def bind(self, dataset: DatasetFolder) -> "Skeleton":
+        self._meta_file = dataset.root / META_FILE
+        return super().bind(dataset)  # type: ignore[return-value]
+
+    def _check_meta(self, meta: DatasetMeta) -> None:
+        try:
+            self.layout = layout_of(meta)
+        except DataError as exc:
+            raise DataError(f"{self._meta_file}: modality {self.name!r} needs the skeleton layout: {exc}") from exc
+        self.flip_perm = torch.tensor(self.layout.flip_permutation())
+        self.units_per_meter = float(meta.modalities[self.stream].get("units_per_meter", 1.0))
+        if not self.units_per_meter > 0:
+            raise DataError(f"{self._meta_file}: modalities.{self.stream}.units_per_meter must be positive, "
+                            f"got {self.units_per_meter}")  # fmt: skip
+
+    def _bound_layout(self) -> SkeletonLayout:
+        if self.layout is None:
+            raise RuntimeError(f"modality {self.name!r}: the skeleton layout is known after bind(dataset)")
+        return self.layout
+
+    @property
+    def channels(self) -> int:
+        return 3
+
+    @property
+    def num_joints(self) -> int:
+        return self._bound_layout().num_joints
+
+    def encoder_inputs(self) -> dict[str, Any]:
+        edges = [list(e) for e in self._bound_layout().edges]
+        return {"in_channels": self.channels, "num_joints": self.num_joints, "edges": edges, **self.encoder_args}
+
+    def _where(self, record: ClipRecord) -> str:
+        return f"clip {record.clip_id!r}, {self.name} of video {record.video!r} ({self.reader.locate(record.video)})"
+
+    def check_frames(self, raw: np.ndarray) -> str | None:
+        v = self.num_joints
+        if raw.ndim != 4 or raw.shape[2] != v or raw.shape[3] != 3 or raw.shape[1] < 1:
+            return f"expected joints (T, M, {v}, 3) (layout {self._bound_layout().name!r}), got {raw.dtype} {raw.shape}"
+        if not np.issubdtype(raw.dtype, np.floating):
+            return f"expected float joint coordinates, got {raw.dtype} {raw.shape}"
+        return None
+
+    def load(self, record: ClipRecord, indices: np.ndarray) -> SkeletonFrames:
+        raw = super().load(record, indices)
+        if not raw.any() and not self.reader.read(record.video, np.arange(record.start_frame, record.end_frame)).any():
+            raise DataError(
+                f"{self._where(record)}: every joint coordinate is zero in frames "
+                f"[{record.start_frame}, {record.end_frame}) (no tracked body)"
+            )
+        out = raw.view(SkeletonFrames)
+        out.source_frames = record.num_frames
+        return out
+
+    def to_tensor(self, raw: np.ndarray, params: ClipParams, *, source_frames: int | None = None) -> torch.Tensor:
+        """Joints ``(T, M, V, 3)`` -> ``(3, T, V, persons)``; ``source_frames`` (F) defaults to the
+        one ``raw`` carries (:class:`SkeletonFrames`, as :meth:`load` returns)."""
+        frames = source_frames if source_frames is not None else getattr(raw, "source_frames", None)
+        if frames is None:
+            raise ValueError(
+                f"modality {self.name!r}: the clip's frame count before sampling (source_frames) is unknown; "
+                "pass the frames load() returns or source_frames="
+            )
+        layout = self._bound_layout()
+        x = torch.from_numpy(np.asarray(raw, dtype=np.float32)) / self.units_per_meter
+        x = self._fit_persons(x)
+        tracked = (x != 0).any(-1, keepdim=True)  # (T, M, V, 1)
+        if self.centre:
+            x = (x - self._origin(x, tracked, layout.root)) * tracked
+        if params.flip:
+            x = x[:, :, self.flip_perm] * x.new_tensor([-1.0, 1.0, 1.0])
+        if params.shear is not None:
+            x = shear_points(x, params.shear)
+        return to_graph_layout(DERIVED_MODALITIES[self.derived](x, layout=layout, source_frames=frames))
+
+    def _fit_persons(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] >= self.persons:
+            return x[:, : self.persons]
+        return torch.cat([x, x.new_zeros(x.shape[0], self.persons - x.shape[1], *x.shape[2:])], dim=1)
+
+    @staticmethod
+    def _origin(x: torch.Tensor, tracked: torch.Tensor, root: int) -> torch.Tensor:
+        """The root of body 0 in its first tracked frame, else the mean tracked joint, else 0: (3,)."""
+        root_seen = tracked[:, 0, root, 0]
+        if root_seen.any():
+            return x[int(root_seen.nonzero()[0]), 0, root]
+        count = tracked.sum()
+        return (x * tracked).sum((0, 1, 2)) / count.clamp(min=1)

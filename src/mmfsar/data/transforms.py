@@ -2,12 +2,18 @@
 
 Every modality of one clip is sampled at the same frame indices and cropped / flipped with the
 same :class:`ClipParams`; each modality applies them with its own semantics (a flip negates
-flow-x and swaps left/right pose joints), so the streams of a clip always stay aligned.
+flow-x and swaps left/right pose joints, and mirrors a 3D skeleton), so the streams of a clip
+always stay aligned. The two skeleton augmentations of the contrastive skeleton literature
+(CrosSCLR, AimCLR, IKEM: METHODS.md section 3) are transforms like the others: the temporal
+crop-and-resize is :class:`UniformSegments`' ``crop``, the shear is :class:`ClipAugmentation`'s
+``shear``; both draw their random numbers only when they are on, so turning them on or off never
+changes the other draws.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,14 +32,27 @@ class UniformSegments:
     the same rule without jitter: segment centres then fall on every frame in turn, so each frame
     is repeated ``num_frames / length`` times in temporal order (nearest-neighbour temporal
     up-sampling). ``min_frames`` turns clips shorter than that into an error instead.
+
+    **Temporal crop-and-resize** (``crop`` < 1, training only): the segments cover a random
+    window of the clip instead of all of it, a fraction drawn uniformly from ``[crop, 1]`` of the
+    clip's length at a uniformly random position, and the ``num_frames`` frames are sampled from
+    that window by the rule above (which *resizes* it to ``num_frames``). This is the temporal
+    augmentation of the skeleton contrastive methods (the "valid crop-resize" of CTR-GCN's feeder
+    that AimCLR / CMD / IKEM-style pipelines use: a random sub-sequence resampled to the input
+    length), written for any stream. Why: the window changes the action's apparent speed and
+    start, which the encoder should be invariant to. ``crop=1`` (the default) draws nothing extra,
+    so the frames drawn without the crop are unchanged.
     """
 
     num_frames: int = 8
     min_frames: int = 1
+    crop: float = 1.0
 
     def __post_init__(self) -> None:
         if self.num_frames < 1:
             raise ConfigError(f"data.frames.num_frames must be >= 1, got {self.num_frames}")
+        if not 0.0 < self.crop <= 1.0:
+            raise ConfigError(f"data.frames.crop must be in (0, 1] (the smallest kept fraction), got {self.crop}")
 
     def __call__(
         self, start: int, end: int, *, jitter: bool, clip_id: str = "?", generator: torch.Generator | None = None
@@ -43,8 +62,13 @@ class UniformSegments:
             raise DataError(
                 f"clip {clip_id!r} has {length} frames, fewer than data.frames.min_frames={self.min_frames}"
             )
-        edges = np.linspace(0.0, length, self.num_frames + 1)
-        if jitter and length >= self.num_frames:
+        offset, window = 0.0, float(length)
+        if jitter and self.crop < 1.0:
+            u = torch.rand(2, dtype=torch.float64, generator=generator).tolist()
+            window = length * (self.crop + (1.0 - self.crop) * u[0])
+            offset = (length - window) * u[1]
+        edges = offset + np.linspace(0.0, window, self.num_frames + 1)
+        if jitter and window >= self.num_frames:
             u = torch.rand(self.num_frames, dtype=torch.float64, generator=generator).numpy()
             pos = edges[:-1] + u * (edges[1:] - edges[:-1])
         else:
@@ -67,8 +91,9 @@ class ColourParams:
 @dataclass(frozen=True)
 class ClipParams:
     """One clip's augmentation, shared by all its streams: a crop box as fractions of the frame (so
-    it fits modalities stored at any resolution), a horizontal flip, and the photometric jitter
-    that colour streams apply (``colour``; None: none)."""
+    it fits modalities stored at any resolution), a horizontal flip, the photometric jitter that
+    colour streams apply (``colour``; None: none), and the shear that 3D skeleton streams apply
+    (``shear``: the 3x3 matrix ``S`` of :func:`shear_points`, row by row; None: none)."""
 
     top: float = 0.0
     left: float = 0.0
@@ -76,6 +101,7 @@ class ClipParams:
     width: float = 1.0
     flip: bool = False
     colour: ColourParams | None = None
+    shear: tuple[tuple[float, float, float], tuple[float, float, float], tuple[float, float, float]] | None = None
 
     def extent(self, frame_h: int, frame_w: int) -> tuple[float, float, float, float]:
         """Exact (top, left, height, width) of the box in pixels of a ``frame_h x frame_w`` grid."""
@@ -101,7 +127,15 @@ class ClipAugmentation:
     ``[1/(1+x), 1+x]`` for x = ``saturation`` / ``brightness`` / ``contrast``, and grey with
     probability ``grayscale_prob``. Why: the appearance of a scene (palette, lighting, contrast) is
     what changes between visual domains, the motion is not, so a colour stream trained invariant
-    to it transfers across domains. Evaluation: the largest centred square, no jitter.
+    to it transfers across domains. Evaluation: the largest centred square, no jitter, no shear.
+
+    ``shear`` > 0 (training): a random shear of 3D skeletons, the matrix ``S`` with ones on the
+    diagonal and its six other entries drawn uniformly from ``[-shear, shear]`` (the shear of
+    CrosSCLR / AimCLR / IKEM, amplitude 0.5 there), applied to every joint ``p -> S p``. Why: it
+    changes the viewpoint and body shape, not the action. Only 3D skeleton streams apply it:
+    image-aligned streams (RGB, flow, depth, 2D keypoints) ignore it, since shearing 2D keypoints
+    alone would misalign them with the pixels of the clip's other streams. Its random numbers are
+    drawn after all others, so the crop, flip and colour draws are the same with and without it.
     """
 
     min_scale: float = 0.6
@@ -111,6 +145,12 @@ class ClipAugmentation:
     brightness: float = 0.0
     contrast: float = 0.0
     grayscale_prob: float = 0.0
+    shear: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.shear < 0:
+            raise ConfigError(f"data.augmentation.shear must be >= 0 (the largest off-diagonal entry), got "
+                              f"{self.shear}")  # fmt: skip
 
     def sample(self, aspect: float, *, train: bool, generator: torch.Generator | None = None) -> ClipParams:
         """``aspect`` = frame width / height; ``generator``: draw from it instead of torch's global RNG."""
@@ -131,7 +171,23 @@ class ClipAugmentation:
                 contrast=factor(self.contrast, c[3]),
                 grayscale=c[4] < self.grayscale_prob,
             )
-        return ClipParams(r[1] * (1 - h), r[2] * (1 - w), h, w, r[3] < self.flip_prob, colour)
+        shear = None
+        if self.shear:
+            e = [(2 * u - 1) * self.shear for u in torch.rand(6, generator=generator, dtype=torch.float64).tolist()]
+            shear = ((1.0, e[0], e[1]), (e[2], 1.0, e[3]), (e[4], e[5], 1.0))
+        return ClipParams(r[1] * (1 - h), r[2] * (1 - w), h, w, r[3] < self.flip_prob, colour, shear)
+
+
+def shear_points(points: torch.Tensor, shear: Sequence[Sequence[float]]) -> torch.Tensor:
+    """``(..., 3)`` points -> ``S p`` for the 3x3 ``shear`` matrix ``S`` (:attr:`ClipParams.shear`).
+
+    Linear (no translation), so lost joints stored as zeros stay zeros.
+    """
+    matrix = torch.as_tensor(shear, dtype=points.dtype, device=points.device)
+    if matrix.shape != (3, 3) or points.shape[-1] != 3:
+        raise ValueError(f"shear_points: need points (..., 3) and a 3x3 shear, got {tuple(points.shape)} and "
+                         f"{tuple(matrix.shape)}")  # fmt: skip
+    return points @ matrix.T
 
 
 def colour_jitter(frames: torch.Tensor, colour: ColourParams) -> torch.Tensor:

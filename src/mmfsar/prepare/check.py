@@ -1,7 +1,8 @@
 """The validator's report on a prepared dataset, for every stream its ``meta.json`` lists.
 
 Each stream is checked with the modality that reads it (``rgb``/``rgb_*`` -> :class:`RGB`,
-``flow`` -> :class:`Flow`, ``pose`` -> :class:`Pose`, ``depth`` -> :class:`Depth`); the map is
+``flow`` -> :class:`Flow`, ``pose`` -> :class:`Pose`, ``depth`` -> :class:`Depth`, ``skeleton``
+-> :class:`Skeleton`, its joints, which also checks the layout in ``meta.json``); the map is
 :data:`MODALITY_OF_STREAM`, extended by prefix (``rgb_frames`` -> ``rgb``).
 """
 
@@ -20,6 +21,7 @@ MODALITY_OF_STREAM = {
     "flow": "mmfsar.data.modalities.Flow",
     "pose": "mmfsar.data.modalities.Pose",
     "depth": "mmfsar.data.modalities.Depth",
+    "skeleton": "mmfsar.data.modalities.Skeleton",
 }
 
 

@@ -8,6 +8,8 @@ the exit status is 1 when the command or the validator found a problem::
     python -m mmfsar.prepare flow OUT [--method dis|farneback|tvl1] [--format npy|flow_xy] [--workers 2]
     python -m mmfsar.prepare pose OUT SRC --from coco|openpose|npy [--layout auto|coco17|FILE.json]
     python -m mmfsar.prepare splits OUT --train F [--val F] [--test F] [--style auto|cmn|arn|otam]
+    python -m mmfsar.prepare skeleton OUT SRC [--from ntu|npy] [--protocols auto|ntu60_xsub,...] [--ignore F]
+    python -m mmfsar.prepare text OUT FILE --from csv|npy [--features F.npy] [--classes F]
     python -m mmfsar.prepare validate OUT
 
 See DATA_STRUCTURE.md, "Preparing real datasets".
@@ -189,6 +191,35 @@ def run_splits(a: argparse.Namespace):
     from mmfsar.prepare.splits import import_splits
 
     return import_splits(a.out, train=a.train, val=a.val, test=a.test, style=a.style)
+
+
+# ---------------------------------------------------------------------------------------- skeleton
+def _skeleton_arguments(p: argparse.ArgumentParser) -> None:
+    from mmfsar.prepare.ntu import add_arguments
+
+    add_arguments(p)
+
+
+@command("skeleton", "import NTU RGB+D skeletons (.skeleton files or (T, M, 25, 3) arrays) as a new dataset "
+         "with the published protocols", _skeleton_arguments)  # fmt: skip
+def run_skeleton(a: argparse.Namespace):
+    from mmfsar.prepare.ntu import run
+
+    return run(a)
+
+
+# -------------------------------------------------------------------------------------------- text
+def _text_arguments(p: argparse.ArgumentParser) -> None:
+    from mmfsar.data.text import add_arguments
+
+    add_arguments(p)
+
+
+@command("text", "class descriptions (CSV) and / or text features (.npy) into text/", _text_arguments)
+def run_text(a: argparse.Namespace):
+    from mmfsar.data.text import run
+
+    return run(a)
 
 
 # ---------------------------------------------------------------------------------------- validate

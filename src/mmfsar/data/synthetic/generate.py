@@ -32,6 +32,7 @@ STORAGE = {
     "flow": {"npy": {"format": "npy"}, "flow_xy": {"format": "flow_xy", "reader": {"bound": 8.0}}},
     "pose": {"npy": {"format": "npy"}},
     "depth": {"npy": {"format": "npy"}, "png16": {"format": "frames", "reader": {"template": "{:06d}.png"}}},
+    "skeleton": {"npy": {"format": "npy"}},  # opt-in: not in the default formats (yet)
 }  # fmt: skip
 
 
@@ -42,6 +43,8 @@ class SyntheticConfig:
     ``classes_per_split`` keeps the first n classes of each split (smaller datasets for tests);
     ``clips_per_class`` counts clips per class *and* domain. Each clip is one video whose action
     occupies frames ``[start, end)``; the figure holds still in the ``margin`` frames around it.
+    ``formats`` names the streams written and their storage; the 3D ``skeleton`` stream
+    (``"skeleton": "npy"``) is written only when listed (it is not in the default dataset).
     """
 
     seed: int = 0
@@ -123,7 +126,9 @@ def _render_and_write(args: tuple[SyntheticConfig, Path, int, ClipRecord, int]) 
     # the figure holds still before and after the annotated range
     idx = np.clip(np.arange(total) - rec.start_frame, 0, rec.num_frames - 1)
     props = [replace(p, ends=p.ends[idx]) for p in props]
-    out = render_clip(rng, joints[idx], rec.domain, props)
+    # the skeleton's noise has its own generator: the other streams are the same with or without it
+    skeleton_rng = np.random.default_rng([cfg.seed, number, 2]) if "skeleton" in cfg.formats else None
+    out = render_clip(rng, joints[idx], rec.domain, props, skeleton_rng=skeleton_rng)
     for modality, array in out.items():
         if modality in cfg.formats:
             _write(root / modality, rec.video, array, cfg.formats[modality], cfg.fps)
@@ -181,7 +186,14 @@ def dataset_meta(cfg: SyntheticConfig) -> DatasetMeta:
             info["units_per_meter"] = 1000.0
         if m == "pose":
             info["frame_size"] = [FRAME, FRAME]
+        if m == "skeleton":
+            info["units_per_meter"] = 1.0
         modalities[m] = info
+    extra: dict[str, Any] = {"generator": {"version": GENERATOR_VERSION, **cfg.to_dict()}, "aux_resolution": AUX}
+    if "skeleton" in cfg.formats:
+        from mmfsar.data.skeleton import SYNTHETIC15  # imports this package: not at module level
+
+        extra["skeleton"] = SYNTHETIC15.to_meta()
     return DatasetMeta(
         name="synthetic",
         fps=cfg.fps,
@@ -190,7 +202,7 @@ def dataset_meta(cfg: SyntheticConfig) -> DatasetMeta:
         frame_size=(FRAME, FRAME),
         joints=list(JOINTS),
         edges=[tuple(e) for e in EDGES],
-        extra={"generator": {"version": GENERATOR_VERSION, **cfg.to_dict()}, "aux_resolution": AUX},
+        extra=extra,
     )
 
 

@@ -10,6 +10,11 @@ distractors, lighting flicker and sensor noise; the target domain changes all of
 (palette, texture frequency, contrast of the figure, camera shake). Flow sees only motion (the
 distractors' too), depth only geometry, pose only the figure (with detector noise that grows
 with joint speed, as motion blur does to real detectors).
+
+The 3D skeleton stream (opt-in, :func:`render_skeleton`) is what a depth-sensor body tracker
+(Kinect, as in NTU RGB+D) reports from the same animation: camera-space joints in metres, with
+jitter and occasional lost joints (zeros). It draws from its own random generator, so the other
+streams are the same with and without it.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ class DomainStyle:
     pose_noise_px: float
     flow_noise_px: float
     pose_occlusion: float  # probability that a limb is occluded for part of the clip
+    skeleton_jitter_m: float  # std of the 3D skeleton's per-frame joint noise, metres (x, y)
+    skeleton_lost_joint: float  # probability that a joint is lost (zeros) in a frame
+    skeleton_lost_limb: float  # probability that a forearm or shin is lost for a stretch of the clip
+    skeleton_lost_frame: float  # probability that the whole body is lost in a frame
 
 
 DOMAINS: dict[str, DomainStyle] = {
@@ -56,13 +65,15 @@ DOMAINS: dict[str, DomainStyle] = {
         bg_hue=(0.0, 0.15), bg_sat=(0.15, 0.35), bg_val=(0.45, 0.7), bg_texture_cells=(3, 6),
         bg_texture_amp=0.12, fig_sat=(0.55, 0.95), fig_contrast=(0.3, 0.5), distractors=(0, 1),
         camera_shake_px=(0.0, 0.4), flicker=0.03, rgb_noise=3.0, pose_noise_px=3.0, flow_noise_px=0.05,
-        pose_occlusion=0.5,
+        pose_occlusion=0.5, skeleton_jitter_m=0.01, skeleton_lost_joint=0.01, skeleton_lost_limb=0.3,
+        skeleton_lost_frame=0.01,
     ),
     "target": DomainStyle(
         bg_hue=(0.45, 0.75), bg_sat=(0.1, 0.4), bg_val=(0.35, 0.7), bg_texture_cells=(6, 12),
         bg_texture_amp=0.18, fig_sat=(0.1, 0.5), fig_contrast=(0.2, 0.4), distractors=(1, 2),
         camera_shake_px=(0.3, 1.0), flicker=0.08, rgb_noise=5.0, pose_noise_px=3.5, flow_noise_px=0.12,
-        pose_occlusion=0.6,
+        pose_occlusion=0.6, skeleton_jitter_m=0.015, skeleton_lost_joint=0.02, skeleton_lost_limb=0.4,
+        skeleton_lost_frame=0.02,
     ),
 }  # fmt: skip
 
@@ -217,9 +228,71 @@ def _next(x: np.ndarray) -> np.ndarray:
     return np.concatenate([x[1:], 2 * x[-1:] - x[-2:-1]], 0)
 
 
-def render_clip(rng: np.random.Generator, joints: np.ndarray, domain: str, props: list[Prop] = ()) -> dict[str, np.ndarray]:
+def camera_space(joints: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """World joints (T, V, 3) in figure heights -> camera-space joints (T, V, 3) in metres, in the
+    Kinect's axes (right-handed: x to the sensor's left, y up, z away from the sensor along its
+    optical axis), seen through the camera of the image shift ``shift`` (T, 2) (FRAME pixels).
+
+    The exact inverse of the rendering's pinhole: the image shift is the camera turning, which
+    moves every point by ``shift * depth / FOCAL`` sideways, so a joint projects to pixel
+    ``((FRAME - 1) / 2 - FOCAL x / z, (FRAME - 1) / 2 - FOCAL y / z)``, where the keypoints of
+    the ``pose`` stream are (before their noise).
+    """
+    depth = CAMERA_DIST - joints[..., 2]
+    x = joints[..., 0] + shift[:, None, 0] * depth / FOCAL
+    y = joints[..., 1] - CENTER_Y - shift[:, None, 1] * depth / FOCAL
+    return np.stack([-x, y, depth], -1) * METERS_PER_UNIT
+
+
+# jitter gain of the joints a body tracker finds hardest (hands and feet move fastest and are small)
+EXTREMITIES = [J[n] for n in ("head", "left_wrist", "right_wrist", "left_ankle", "right_ankle")]
+
+
+def render_skeleton(rng: np.random.Generator, joints: np.ndarray, shift: np.ndarray, style: DomainStyle) -> np.ndarray:
+    """The 3D skeleton a depth-sensor body tracker reports: float32 (T, 2, 15, 3), metres.
+
+    Camera-space joints (:func:`camera_space`) of the one figure plus Gaussian jitter: std
+    ``skeleton_jitter_m`` across the view, 1.5x that along the depth axis (depth sensors are least
+    precise in depth), doubled for the head, wrists and ankles. Lost joints are zeros (the NTU
+    arrays' convention for an absent body): each joint in each frame with probability
+    ``skeleton_lost_joint``, the whole body in a frame with probability ``skeleton_lost_frame``,
+    and with probability ``skeleton_lost_limb`` one forearm or shin (elbow and wrist, knee and
+    ankle) for 10-40% of the clip (at least one frame keeps the body). The second body slot is all
+    zeros (one figure), so the layout is the NTU importer's (T, M=2, V, 3).
+    """
+    T, V = joints.shape[:2]
+    cam = camera_space(joints, shift)
+    gain = np.ones((V, 1))
+    gain[EXTREMITIES] = 2.0
+    sigma = style.skeleton_jitter_m * gain * np.array([1.0, 1.0, 1.5])
+    cam = cam + rng.normal(0.0, 1.0, cam.shape) * sigma
+    lost = rng.random((T, V)) < style.skeleton_lost_joint
+    lost |= (rng.random(T) < style.skeleton_lost_frame)[:, None]
+    if rng.random() < style.skeleton_lost_limb:
+        limb = LIMBS[rng.integers(len(LIMBS))]
+        span = max(1, int(round(T * rng.uniform(0.1, 0.4))))
+        start = int(rng.integers(0, T - span + 1))
+        lost[start : start + span, limb] = True
+    if lost.all(axis=1).all():
+        lost[0] = False
+    cam[lost] = 0.0
+    out = np.zeros((T, 2, V, 3), np.float32)
+    out[:, 0] = cam
+    return out
+
+
+def render_clip(
+    rng: np.random.Generator,
+    joints: np.ndarray,
+    domain: str,
+    props: list[Prop] = (),
+    *,
+    skeleton_rng: np.random.Generator | None = None,
+) -> dict[str, np.ndarray]:
     """All modalities of one clip: rgb (T,64,64,3) uint8, flow (T,32,32,2) float16 px, depth
-    (T,32,32) uint16 mm, pose (T,15,3) float32 (x, y in 64-px frame, confidence)."""
+    (T,32,32) uint16 mm, pose (T,15,3) float32 (x, y in 64-px frame, confidence); with
+    ``skeleton_rng``, also skeleton (T,2,15,3) float32 metres (:func:`render_skeleton`), drawn
+    from that generator only, so ``rng``'s draws and the other streams do not change."""
     style = DOMAINS[domain]
     T = joints.shape[0]
     bg_hue, bg_sat, bg_val = (rng.uniform(*r) for r in (style.bg_hue, style.bg_sat, style.bg_val))
@@ -279,4 +352,7 @@ def render_clip(rng: np.random.Generator, joints: np.ndarray, domain: str, props
     noisy[missed] += rng.normal(0, 4.0, (int(missed.sum()), 2))
     conf[missed] = rng.uniform(0.0, 0.2, int(missed.sum()))
     pose = np.concatenate([noisy, conf[..., None]], -1).astype(np.float32)
-    return {"rgb": rgb, "flow": flow.astype(np.float16), "depth": depth, "pose": pose}
+    out = {"rgb": rgb, "flow": flow.astype(np.float16), "depth": depth, "pose": pose}
+    if skeleton_rng is not None:
+        out["skeleton"] = render_skeleton(skeleton_rng, joints, shift, style)
+    return out
