@@ -27,15 +27,37 @@ CHAINS = {
 }
 
 
+SKELETON_STREAMS = {"joint": "skeleton", "bone": "skeleton_bone", "motion": "skeleton_motion"}
+
+
 def compose_config(name: str, overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name=name, overrides=overrides)
 
 
 def test_every_preset_is_in_a_chain():
-    presets = {f"{p.parent.name}/{p.stem}" for p in (CONFIG_DIR / "experiment").glob("*/*.yaml")} - {"demo/eval"}
+    presets = {f"{p.parent.name}/{p.stem}" for p in (CONFIG_DIR / "experiment").glob("*/*.yaml")}
     chained = {f"{method}/{stage}" for method, (_, stages) in CHAINS.items() for stage in stages}
-    assert presets == chained
+    single = {"demo/eval", "search/mm_cdfsl_tiny_lr"} | {f"skeleton_tiny/{s}" for s in ("supervised", *SKELETON_STREAMS)}
+    assert presets == chained | single
+
+
+@pytest.mark.parametrize("stream", sorted(SKELETON_STREAMS))
+def test_skeleton_presets_build(stream, tiny_dataset, tmp_path):
+    """``experiment=skeleton_tiny/<stream>``: the stream's modality, a protocol data module (every
+    class labelled, no val episodes), an ST-GCN with one output per class, exported."""
+    from mmfsar.tasks.pipelines import build_training, export_trained
+
+    cfg = compose_config(
+        "pretrain", [f"experiment=skeleton_tiny/{stream}", "data=folder", f"data.root={tiny_dataset}", "data.num_workers=0",
+                     f"paths.output_dir={tmp_path}"],
+    )  # fmt: skip
+    run = build_training(cfg)
+    assert list(run.datamodule.modalities) == [SKELETON_STREAMS[stream]]
+    assert run.datamodule.val_episodes is None and run.datamodule.protocol == "xsub"
+    assert run.module.encoder.head.out_features == 7  # all classes of tiny_dataset
+    assert type(run.module.encoder.backbone).__name__ == "STGCN"
+    assert export_trained(cfg, run).is_file()
 
 
 @pytest.mark.parametrize("method", sorted(CHAINS))
@@ -101,15 +123,19 @@ def documented_commands() -> list[tuple[str, str, list[str]]]:
                 continue
             command = re.sub(r"<[^>]*>", "run", match.group(3).split("`")[0].split(" #")[0])
             command = command.replace("...", "run")
-            overrides = []
-            for token in shlex.split(command):
+            overrides, config = [], entries[match.group(2)]
+            tokens = iter(shlex.split(command))
+            for token in tokens:
+                if token == "--config-name":
+                    config = next(tokens)
+                    continue
                 if token in ("-m", "--multirun") or token.startswith("["):
                     continue
                 key, _, value = token.partition("=")
                 if "," in value and not value.startswith(("[", "{")):
                     value = value.split(",")[0]
                 overrides.append(f"{key}={value}")
-            out.append((f"{source.name}: {line.strip()[:100]}", entries[match.group(2)], overrides))
+            out.append((f"{source.name}: {line.strip()[:100]}", config, overrides))
     return out
 
 
@@ -117,7 +143,7 @@ DOCUMENTED = documented_commands()
 
 
 def test_the_docs_have_commands():
-    assert len(DOCUMENTED) >= 15 and {entry for _, entry, _ in DOCUMENTED} == {"pretrain", "distill", "eval", "validate"}
+    assert len(DOCUMENTED) >= 15 and {entry for _, entry, _ in DOCUMENTED} == {"pretrain", "distill", "eval", "eval_protocol", "validate"}
 
 
 @pytest.mark.parametrize("where,entry,overrides", DOCUMENTED, ids=[w for w, _, _ in DOCUMENTED])

@@ -81,7 +81,9 @@ def test_default_config_is_the_documented_default_dataset():
     assert set(lengths) == set(range(16, 25))  # the whole documented range occurs
     meta = gen.dataset_meta(SyntheticConfig())
     assert meta.frame_size == (64, 64) and meta.joints == JOINTS and len(JOINTS) == 15 and meta.fps == 12.0
-    assert {k: v["format"] for k, v in meta.modalities.items()} == {"rgb": "video", "flow": "npy", "pose": "npy", "depth": "npy"}
+    assert {k: v["format"] for k, v in meta.modalities.items()} == {
+        "rgb": "video", "flow": "npy", "pose": "npy", "depth": "npy", "skeleton": "npy"
+    }  # fmt: skip
     assert meta.modalities["depth"]["units_per_meter"] == 1000.0 and meta.modalities["pose"]["frame_size"] == [64, 64]
 
 
@@ -94,10 +96,13 @@ def test_tiny_dataset_meta_and_annotations_are_consistent(tiny_dataset, tiny_con
     assert Counter((r.label_name, r.domain) for r in folder.records) == {
         (c, d): 3 for c in folder.meta.split_of for d in ("source", "target")
     }
-    assert json.loads((tiny_dataset / "meta.json").read_text())["generator"] == {"version": 2, **tiny_config.to_dict()}
-    for m in ("rgb", "flow", "pose", "depth"):
+    assert json.loads((tiny_dataset / "meta.json").read_text())["generator"] == {"version": gen.GENERATOR_VERSION, **tiny_config.to_dict()}
+    for m in ("rgb", "flow", "pose", "depth", "skeleton"):
         assert len(list((tiny_dataset / m).iterdir())) == 42
-    assert sorted(p.name for p in tiny_dataset.iterdir()) == ["annotations.csv", "depth", "flow", "meta.json", "pose", "rgb"]
+    assert sorted(p.name for p in tiny_dataset.iterdir() if not p.name.startswith(".")) == [
+        "annotations.csv", "depth", "flow", "meta.json", "pose", "protocols", "rgb", "skeleton", "text"
+    ]  # fmt: skip
+    assert sorted(p.name for p in (tiny_dataset / "text").iterdir()) == ["descriptions.csv", "features.json", "features.npy"]
     # the stored arrays are what DATA_STRUCTURE.md says
     rec = folder.records[0]
     flow = np.load(tiny_dataset / "flow" / f"{rec.video}.npy")
@@ -132,7 +137,7 @@ def test_generation_is_deterministic_and_independent_of_workers(tmp_path):
     b = generate(SyntheticConfig(**MINI), tmp_path / "b", workers=2, progress=False)
     c = generate(SyntheticConfig(**MINI, seed=1), tmp_path / "c", workers=1, progress=False)
     fa, fb, fc = all_files(a), all_files(b), all_files(c)
-    assert len(fa) == 2 + 4 * 12
+    assert len(fa) == 2 + 5 * 12 + 3 + 3  # annotations, meta; 5 streams x 12 clips; 3 protocols; class text
     assert fa == fb  # byte for byte: npy, mp4, annotations, meta
     assert fa["annotations.csv"] != fc["annotations.csv"]  # other seed: other frame ranges
     for name in fa:
@@ -280,5 +285,5 @@ def test_bad_generator_settings():
         SyntheticConfig.from_mapping({"min_frames": 30})
     # partial mappings are completed with the defaults
     cfg = SyntheticConfig.from_mapping({"formats": {"rgb": "frames"}, "classes_per_split": {"base": 2}})
-    assert cfg.formats == {"rgb": "frames", "flow": "npy", "pose": "npy", "depth": "npy"}
+    assert cfg.formats == {"rgb": "frames", "flow": "npy", "pose": "npy", "depth": "npy", "skeleton": "npy"}
     assert cfg.classes_per_split == {"base": 2, "val": 7, "novel": 10}

@@ -17,7 +17,6 @@ from mmfsar.data.synthetic.actions import J
 from mmfsar.data.synthetic.render import CAMERA_DIST, CENTER_Y, FOCAL, FRAME, METERS_PER_UNIT, _project, camera_space
 
 SETTINGS = dict(seed=0, clips_per_class=2, classes_per_split={"base": 2, "val": 1, "novel": 1})
-DEFAULT_FORMATS = {"rgb": "video", "flow": "npy", "pose": "npy", "depth": "npy"}
 
 
 @pytest.fixture(scope="module")
@@ -27,14 +26,15 @@ def out_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def with_skeleton(out_dir) -> Path:
-    """The default streams plus the skeleton: 16 clips. Read-only."""
-    cfg = SyntheticConfig(**SETTINGS, formats={**DEFAULT_FORMATS, "skeleton": "npy"})
-    return generate(cfg, out_dir / "with", workers=1, progress=False)
+    """The default streams (the skeleton among them): 16 clips. Read-only."""
+    return generate(SyntheticConfig(**SETTINGS), out_dir / "with", workers=1, progress=False)
 
 
 @pytest.fixture(scope="module")
 def without_skeleton(out_dir) -> Path:
-    return generate(SyntheticConfig(**SETTINGS), out_dir / "without", workers=1, progress=False)
+    """The default streams less the skeleton (``formats: {skeleton: null}``)."""
+    cfg = SyntheticConfig.from_mapping({**SETTINGS, "formats": {"skeleton": None}})
+    return generate(cfg, out_dir / "without", workers=1, progress=False)
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -64,7 +64,7 @@ def test_the_other_streams_are_byte_identical_with_the_skeleton_on(with_skeleton
     assert meta_a.pop("skeleton") == SYNTHETIC15.to_meta()
     assert meta_a["generator"]["formats"].pop("skeleton") == "npy"
     assert meta_a == meta_b
-    assert "skeleton" not in meta_b and "skeleton" not in SyntheticConfig().formats  # opt-in
+    assert "skeleton" not in meta_b and SyntheticConfig().formats["skeleton"] == "npy"  # on by default
 
 
 def test_every_clip_of_both_domains_has_a_skeleton_aligned_with_its_frames(with_skeleton):

@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from mmfsar.data.dataset import ClipDataset, ClipViews
 from mmfsar.data.episodes import EpisodeSampler, EpisodeSet, EpisodeSettings, TaskDataset, TaskSampler
 from mmfsar.errors import ConfigError, DataError
-from mmfsar.data.meta import ANNOTATION_FILE, ClipRecord, DatasetFolder
+from mmfsar.data.meta import ANNOTATION_FILE, PROTOCOL_SUBSETS, ClipRecord, DatasetFolder, read_protocol
 from mmfsar.data.modalities import Modality
 from mmfsar.data.transforms import ClipAugmentation, UniformSegments
 from mmfsar.data.validate import clip_problems
@@ -43,6 +44,7 @@ class ClipDataModule(L.LightningDataModule):
         generator: synthetic-generator settings; when given, the dataset is generated at ``root``
             on first use (``prepare_data``, rank 0 only).
         batch_size / eval_batch_size / num_workers: loader settings.
+        pin_memory: pin the loaders' batches (None: when the trainer runs on a CUDA device).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class ClipDataModule(L.LightningDataModule):
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 2,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
         if not modalities:
@@ -74,6 +77,7 @@ class ClipDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
         self.folder: DatasetFolder | None = None
 
     def prepare_data(self) -> None:
@@ -115,6 +119,11 @@ class ClipDataModule(L.LightningDataModule):
             aspect=size[1] / size[0] if size else 1.0,
         )
 
+    def _pinned(self) -> bool:
+        if self.pin_memory is not None:
+            return self.pin_memory
+        return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+
     def _loader(self, dataset: ClipDataset, *, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
@@ -123,6 +132,7 @@ class ClipDataModule(L.LightningDataModule):
             drop_last=train and len(dataset) >= self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self._pinned(),
         )
 
     def _episodes(self, records: list[ClipRecord], settings: EpisodeSettings, split: str, domain: str, key: str) -> EpisodeSet:
@@ -233,6 +243,7 @@ class TrainingDataModule(ClipDataModule):
             batch_size=max(1, self.eval_batch_size // views),
             collate_fn=ClipViews.collate,
             num_workers=self.num_workers,
+            pin_memory=self._pinned(),
         )
 
     def configure_training(self, *, views: int, seed: int, modalities: list[str]) -> None:
@@ -272,6 +283,7 @@ class TrainingDataModule(ClipDataModule):
             batch_size=None,  # an item is a whole task
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=self._pinned(),
         )
         return {"source": loader}
 
@@ -332,6 +344,79 @@ class FewShotDataModule(ClipDataModule):
         recs = [r for r in recs if r.clip_id in wanted]
         labels = {c: i for i, c in enumerate(folder.meta.classes_of(self.split))}
         self.clips = self._dataset(recs, train=False, labels=labels)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.clips, train=False)
+
+
+class ProtocolDataModule(TrainingDataModule):
+    """The clips of a clip-level protocol (:func:`~mmfsar.data.meta.read_protocol`: NTU
+    cross-subject / cross-view / cross-setup, NTU-120 one-shot, the synthetic dataset's ``xsub`` /
+    ``xdomain`` / ``oneshot``), for supervised training and its evaluation.
+
+    Training: the protocol's ``train`` clips, labelled by class (every class of the protocol's
+    clips, in ``meta.json`` order, whatever its few-shot split); validation: its ``test`` clips,
+    scored by the training module's classifier head (``val/acc`` = top-1, no episodes).
+    Evaluation (``lit_main_eval.py --config-name eval_protocol``): :attr:`clips` lists every clip
+    of the protocol once, unaugmented, in clip-id order, and :attr:`positions` says which of them
+    belong to each subset (``train``, ``test``, ``exemplar``).
+
+    Args:
+        protocol: the protocol's name in ``meta.json`` ``protocols``.
+        val_episodes / train_episodes / unlabelled_target: not applicable to a clip-level protocol
+            (set them null / false; an error says so otherwise). ``val_domain`` is unused.
+    """
+
+    def __init__(self, *, protocol: str, **kwargs: Any) -> None:
+        for key, off in (("val_episodes", None), ("train_episodes", None), ("unlabelled_target", False)):
+            if kwargs.get(key, off) not in (off,):
+                raise ConfigError(
+                    f"data.{key}={kwargs[key]!r}: a clip-level protocol ({protocol!r}) trains on labelled clips and "
+                    f"validates on its test clips; set data.{key}={'null' if off is None else 'false'}"
+                )
+        kwargs["val_episodes"] = {"n_way": 1, "k_shot": 1, "n_query": 1, "episodes": 1}  # unused: no val episodes
+        super().__init__(**kwargs)
+        self.protocol = protocol
+        self.classes: list[str] = []
+        self.clips: ClipDataset | None = None
+        self.positions: dict[str, torch.Tensor] = {}
+
+    @property
+    def base_classes(self) -> list[str]:
+        if not self.classes:
+            self.setup()
+        return self.classes
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.clips is not None:
+            return
+        folder = self._open()
+        subsets = read_protocol(self.root, folder.meta, self.protocol)
+        records = {r.clip_id: r for r in folder.records}
+        unknown = sorted(c for c in subsets if c not in records)
+        if unknown:
+            raise DataError(
+                f"protocol {self.protocol!r} of {self.root}: {len(unknown)} clips not in {self.annotation_file}, e.g. {unknown[:5]}"
+            )
+        for needed in ("train", "test"):
+            if needed not in subsets.values():
+                raise DataError(f"protocol {self.protocol!r} of {self.root} has no {needed} clips")
+        recs = sorted((records[c] for c in subsets), key=lambda r: r.clip_id)
+        present = {r.label_name for r in recs}
+        self.classes = [c for c in folder.meta.classes_of_all() if c in present]
+        labels = {c: i for i, c in enumerate(self.classes)}
+        self.clips = self._dataset(recs, train=False, labels=labels)  # checks every file once
+        subset_of = [subsets[r.clip_id] for r in recs]
+        self.positions = {
+            s: torch.tensor([i for i, x in enumerate(subset_of) if x == s]) for s in PROTOCOL_SUBSETS if s in subset_of
+        }
+        train = [r for r, s in zip(recs, subset_of) if s == "train"]
+        self.train_sets = {"source": ClipDataset(train, self.modalities, self.frames, train=True, labels=labels,
+                                                 augmentation=self.augmentation, aspect=self.clips.aspect)}  # fmt: skip
+        self.val_set = ClipDataset([r for r, s in zip(recs, subset_of) if s == "test"], self.modalities, self.frames,
+                                   train=False, labels=labels, aspect=self.clips.aspect)  # fmt: skip
+        self.val_episodes = None
+        log.info("protocol %s: %s clips, %d classes", self.protocol, {k: len(v) for k, v in self.positions.items()}, len(self.classes))
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.clips, train=False)

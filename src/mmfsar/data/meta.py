@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from mmfsar.errors import DataError
 
@@ -21,6 +22,7 @@ META_FILE = "meta.json"
 ANNOTATION_FILE = "annotations.csv"
 ANNOTATION_COLUMNS = ("clip_id", "class", "domain", "split", "video", "start_frame", "end_frame")
 SPLITS = ("base", "val", "novel")
+PROTOCOL_SUBSETS = ("train", "test", "exemplar")
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,10 @@ class DatasetMeta:
 
     def save(self, root: str | Path) -> None:
         (Path(root) / META_FILE).write_text(json.dumps(self.to_dict(), indent=1))
+
+    def classes_of_all(self) -> list[str]:
+        """Every class name, in meta order."""
+        return [c.name for c in self.classes]
 
     def classes_of(self, split: str) -> list[str]:
         """Class names of one split, in meta order (which defines integer labels)."""
@@ -244,3 +250,43 @@ class DatasetFolder:
                 f"meta.json lists {sorted(self.meta.modalities)}"
             )
         return self.root / info.get("dir", modality)
+
+
+def read_protocol(root: str | Path, meta: DatasetMeta, name: str) -> dict[str, str]:
+    """A clip-level protocol of the dataset (``meta.json`` ``"protocols": {name: {"file": ...}}``,
+    a CSV ``clip_id,subset``): clip id -> subset (``train``, ``test``, ``exemplar``). Unlike the
+    class-disjoint few-shot splits, a protocol divides the clips of the same classes (NTU
+    cross-subject / cross-view / cross-setup, the one-shot exemplars)."""
+    protocols = meta.extra.get("protocols") or {}
+    if name not in protocols:
+        raise DataError(f"{Path(root) / META_FILE}: no protocol {name!r}; the dataset has {sorted(protocols) or 'none'}")
+    path = Path(root) / protocols[name]["file"]
+    if not path.is_file():
+        raise DataError(f"protocol {name!r}: file not found: {path}")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if tuple(reader.fieldnames or ()) != ("clip_id", "subset"):
+            raise DataError(f"{path}: expected the columns clip_id,subset, got {reader.fieldnames}")
+        rows = [(line, row["clip_id"], row["subset"]) for line, row in enumerate(reader, start=2)]
+    bad = [f"{path}:{line}: clip {clip!r}: unknown subset {subset!r}" for line, clip, subset in rows if subset not in PROTOCOL_SUBSETS]
+    if bad:
+        raise DataError("\n".join(bad[:20]))
+    subsets = {clip: subset for _, clip, subset in rows}
+    if len(subsets) != len(rows):
+        raise DataError(f"{path}: a clip is listed more than once")
+    return subsets
+
+
+def write_protocol(root: str | Path, name: str, subsets: Mapping[str, str]) -> str:
+    """Write ``protocols/<name>.csv`` (``clip_id,subset``) into a dataset folder, atomically (a
+    temporary file renamed into place); returns the path relative to the folder, for ``meta.json``."""
+    relative = f"protocols/{name}.csv"
+    path = Path(root) / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["clip_id", "subset"])
+        w.writerows(sorted(subsets.items()))
+    tmp.replace(path)
+    return relative

@@ -37,7 +37,6 @@ from them as possible); ``base`` = the other 80. On NTU-60 alone the same rule g
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -47,7 +46,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mmfsar.data.meta import ANNOTATION_FILE, META_FILE, ClassInfo, ClipRecord, DatasetMeta
+from mmfsar.data.meta import ANNOTATION_FILE, META_FILE, ClassInfo, ClipRecord, DatasetMeta, write_protocol
 from mmfsar.data.skeleton import NTU25, SkeletonLayout
 from mmfsar.errors import DataError
 from mmfsar.prepare.common import (
@@ -462,14 +461,6 @@ def _resolve_protocols(protocols: Sequence[str] | str | None, ids: Mapping[str, 
     return list(dict.fromkeys(names))
 
 
-def _write_protocol(root: Path, name: str, subsets: Mapping[str, str]) -> None:
-    path = root / PROTOCOL_DIR / f"{name}.csv"
-    with atomic_file(root, path) as tmp, tmp.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["clip_id", "subset"])
-        w.writerows(sorted(subsets.items()))
-
-
 def import_ntu_skeletons(
     out: str | Path,
     src: str | Path,
@@ -582,8 +573,7 @@ def import_ntu_skeletons(
         if not subsets:
             result.notes.append(f"protocol {pname}: no imported clip belongs to it; not written")
             continue
-        _write_protocol(out, pname, subsets)
-        protocol_meta[pname] = {"file": f"{PROTOCOL_DIR}/{pname}.csv", "description": NTU_PROTOCOLS[pname].description}
+        protocol_meta[pname] = {"file": write_protocol(out, pname, subsets), "description": NTU_PROTOCOLS[pname].description}
         if pname == "ntu120_oneshot":
             novel = {ids[c].action for c in clips} & NTU120_ONESHOT_NOVEL
             missing = sorted(e for e in NTU120_ONESHOT_EXEMPLARS - set(subsets) if parse_ntu_name(e).action in novel)

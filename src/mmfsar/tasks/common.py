@@ -98,9 +98,12 @@ class TrainingModule(L.LightningModule):
 
     Validation encodes every val-class clip once with :meth:`validation_features` and solves the
     data module's fixed val episodes with :attr:`val_classifier` (a prototype classifier unless a
-    subclass trains its own): ``val/acc`` (percent) and ``val/ci``. A partial validation pass
-    (``limit_val_batches``, ``fast_dev_run``) leaves clips unencoded: the episode metric is then
-    skipped with a warning. Optimisation: :class:`Optimization`, stepped every optimiser step.
+    subclass trains its own): ``val/acc`` (percent) and ``val/ci``. On a clip-level protocol
+    (:class:`~mmfsar.data.datamodules.ProtocolDataModule`, no val episodes) ``val/acc`` is instead
+    the top-1 accuracy of the module's classifier head on the protocol's test clips. A partial
+    validation pass (``limit_val_batches``, ``fast_dev_run``) leaves clips unencoded: the episode
+    metric is then skipped with a warning. Optimisation: :class:`Optimization`, stepped every
+    optimiser step.
     """
 
     def __init__(self, *, optim: Optimization) -> None:
@@ -162,9 +165,15 @@ class TrainingModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._bank = FeatureBank(len(self.trainer.datamodule.val_set))
+        self._correct = torch.zeros(2, device=self.device)  # (top-1 hits, clips) of a clip-level protocol
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.validation_features(batch)
+        if self.trainer.datamodule.val_episodes is None:  # a clip-level protocol: the module's own classifier
+            if out.logits is None:
+                raise ConfigError(f"{type(self).__name__} has no classifier head to score a clip-level protocol's test clips")
+            self._correct += torch.stack([(out.logits.argmax(-1) == batch["label"]).sum(), self._correct.new_tensor(len(batch["label"]))])
+            return
         features = out.frames if getattr(self.val_classifier, "uses_frames", False) else out.pooled[:, None]
         self._bank.add(batch["index"], features[:, None])
 
@@ -172,6 +181,10 @@ class TrainingModule(L.LightningModule):
         bank, self._bank = self._bank, None
         dm = self.trainer.datamodule
         if self.trainer.sanity_checking:
+            return
+        if dm.val_episodes is None:
+            hits, clips = self.all_gather(self._correct).reshape(-1, 2).sum(0).tolist()
+            self.log("val/acc", 100.0 * hits / max(clips, 1), prog_bar=True, sync_dist=False)
             return
         if _partial_validation(self.trainer, len(dm.val_set), dm.eval_batch_size):
             from lightning.pytorch.utilities import rank_zero_warn

@@ -19,11 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 
 import mmfsar
 from mmfsar.data.modalities import build_modalities
-from mmfsar.errors import DataError
+from mmfsar.errors import ConfigError, DataError
 from mmfsar.fewshot.engine import file_sha256
 from mmfsar.models.base import build_encoder, export_encoder, load_export
 from mmfsar.utils import RankedLogger, instantiate_callbacks, instantiate_loggers, print_config_tree, task_wrapper
 from mmfsar.utils.paths import PROJECT_ROOT
+from mmfsar.utils.sweeps import check_sweep_objective
 
 log = RankedLogger(__name__)
 
@@ -94,6 +95,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info(f"exporting the checkpoint {best} (val/acc {val_acc})")
     path = export_trained(cfg, run, best_checkpoint=best, val_acc=val_acc)
     log.info(f"exported encoder: {path}")
+    if val_acc is not None:
+        metrics["val/acc"] = val_acc  # the exported checkpoint's (a sweeper's objective), not the last epoch's
     for lg in loggers:
         if isinstance(lg, WandbLogger):
             import wandb
@@ -143,6 +146,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """
     from mmfsar.fewshot import mean_confidence_interval
 
+    check_sweep_objective(cfg)  # a searching sweeper may not optimise the accuracy on novel classes
     load_export(cfg.encoder)  # a missing or foreign file fails here, before any work
     _prepare(cfg)
     payload, datamodule, module = build_evaluation(cfg)
@@ -242,6 +246,83 @@ def _solve(
     if cache is not None:
         log.info(f"features cached: {cache.save(key, info, module.features, clip_ids)}")
     return module.episode_accuracy, loggers, str(cache.path(key)) if cache is not None else None
+
+
+@task_wrapper
+def evaluate_protocol(cfg: DictConfig) -> dict[str, Any]:
+    """A clip-level protocol (``eval_protocol.yaml``): linear evaluation or the one-shot protocol
+    of one exported encoder, or of several (``encoder=[a.pt,b.pt]``: each stream's result and the
+    multi-stream one, scores averaged); top-1 / top-5 on the test clips, results.json / .csv.
+
+    The exports, their agreement (one temporal sampler, one definition per modality), the dataset's
+    files and the protocol's classes are checked before any clip is encoded."""
+    from mmfsar.tasks.protocol import ProtocolEncodeModule, check_protocol, protocol_scores, topk_accuracy
+
+    files = [cfg.encoder] if isinstance(cfg.encoder, str) else list(cfg.encoder)
+    if not files:
+        raise ConfigError("encoder: give one exported encoder.pt or a list of them")
+    payloads = [load_export(f) for f in files]
+    _prepare(cfg)
+    modality_cfgs: dict[str, Any] = {}
+    for f, p in zip(files, payloads):
+        if p["frames"] != payloads[0]["frames"]:
+            raise ConfigError(f"{f} samples frames as {p['frames']}, {files[0]} as {payloads[0]['frames']}: "
+                              "the streams of a multi-stream evaluation must read the same frames")  # fmt: skip
+        for name, m in p["modalities"].items():
+            if modality_cfgs.setdefault(name, m) != m:
+                raise ConfigError(f"{f} reads modality {name!r} with other settings than an earlier encoder: {m} vs {modality_cfgs[name]}")
+    modalities = build_modalities(modality_cfgs)
+    datamodule = instantiate(cfg.data, modalities=modalities, frames=instantiate(payloads[0]["frames"]))
+    datamodule.prepare_data()
+    for f, p in zip(files, payloads):
+        _check_modalities(f, {m: modalities[m] for m in p["modalities"]}, Path(cfg.data.root))
+    datamodule.setup("test")
+    classifier = instantiate(cfg.protocol.classifier)
+    classes = datamodule.classes
+    labels = torch.tensor([datamodule.clips.labels[r.label_name] for r in datamodule.clips.records])
+    check_protocol(classifier, labels, datamodule.positions, classes, datamodule.protocol)
+    module = ProtocolEncodeModule(encoders=[build_encoder(p) for p in payloads])
+    trainer, loggers = _trainer(cfg)
+    log.info(f"encoding {len(datamodule.clips)} clips of protocol {datamodule.protocol!r} with {len(files)} encoder(s)")
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    if not trainer.is_global_zero:
+        return {}
+    test_labels = labels[datamodule.positions["test"]]
+    streams, all_scores = [], []
+    for f, p, feats in zip(files, payloads, module.features):
+        scores = protocol_scores(classifier, feats, labels, datamodule.positions, len(classes))
+        all_scores.append(scores)
+        streams.append({"encoder": str(f), "modalities": list(p["modalities"]),
+                        "top1": round(topk_accuracy(scores, test_labels, 1), 4), "top5": round(topk_accuracy(scores, test_labels, 5), 4)})  # fmt: skip
+    combined = torch.stack(all_scores).mean(0)
+    record = {
+        "protocol": datamodule.protocol,
+        "classifier": type(classifier).__name__,
+        "streams": len(files),
+        "top1": round(topk_accuracy(combined, test_labels, 1), 4),
+        "top5": round(topk_accuracy(combined, test_labels, 5), 4),
+        "test_clips": len(test_labels),
+        "support_clips": len(datamodule.positions[classifier.support_subset]),
+        "classes": len(set(test_labels.tolist())),
+        "encoder": ", ".join(map(str, files)),
+        "dataset": str(cfg.data.root),
+        "code_version": code_version(),
+    }
+    out_dir = Path(cfg.paths.output_dir)
+    (out_dir / "results.json").write_text(json.dumps({**record, "per_stream": streams}, indent=1))
+    with (out_dir / "results.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(record))
+        w.writeheader()
+        w.writerow(record)
+    for st in streams if len(streams) > 1 else []:
+        print(f"  {'+'.join(st['modalities'])}: top-1 {st['top1']:.2f}  top-5 {st['top5']:.2f}  [{st['encoder']}]")
+    what = f"{len(files)} streams, averaged scores" if len(files) > 1 else "+".join(streams[0]["modalities"])
+    print(f"protocol {record['protocol']} ({record['classifier']}, {what}): top-1 {record['top1']:.2f}  top-5 {record['top5']:.2f} "
+          f"on {record['test_clips']} test clips of {record['classes']} classes")  # fmt: skip
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            lg.experiment.summary.update({"top1": record["top1"], "top5": record["top5"]})
+    return record
 
 
 def _record(

@@ -21,18 +21,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mmfsar.errors import ConfigError, DataError
-from mmfsar.data.meta import ClassInfo, ClipRecord, DatasetMeta, write_annotations
+from mmfsar.data.meta import ClassInfo, ClipRecord, DatasetMeta, write_annotations, write_protocol
 from mmfsar.data.readers import quantize_flow
 from mmfsar.data.synthetic.actions import ACTIONS, EDGES, JOINTS, SPLIT_OF_ACTION, animate
 from mmfsar.data.synthetic.render import AUX, DOMAINS, FRAME, render_clip
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3  # 3: the skeleton stream by default, clip-level protocols, class text
 STORAGE = {
     "rgb": {"video": {"format": "video", "reader": {"ext": ".mp4"}}, "frames": {"format": "frames", "reader": {"template": "{:06d}.jpg"}}},
     "flow": {"npy": {"format": "npy"}, "flow_xy": {"format": "flow_xy", "reader": {"bound": 8.0}}},
     "pose": {"npy": {"format": "npy"}},
     "depth": {"npy": {"format": "npy"}, "png16": {"format": "frames", "reader": {"template": "{:06d}.png"}}},
-    "skeleton": {"npy": {"format": "npy"}},  # opt-in: not in the default formats (yet)
+    "skeleton": {"npy": {"format": "npy"}},
 }  # fmt: skip
 
 
@@ -43,8 +43,8 @@ class SyntheticConfig:
     ``classes_per_split`` keeps the first n classes of each split (smaller datasets for tests);
     ``clips_per_class`` counts clips per class *and* domain. Each clip is one video whose action
     occupies frames ``[start, end)``; the figure holds still in the ``margin`` frames around it.
-    ``formats`` names the streams written and their storage; the 3D ``skeleton`` stream
-    (``"skeleton": "npy"``) is written only when listed (it is not in the default dataset).
+    ``formats`` names the streams written and their storage (a stream set to ``null`` is not
+    written).
     """
 
     seed: int = 0
@@ -56,7 +56,7 @@ class SyntheticConfig:
     margin: tuple[int, int] = (0, 3)
     fps: float = 12.0
     formats: dict[str, str] = field(
-        default_factory=lambda: {"rgb": "video", "flow": "npy", "pose": "npy", "depth": "npy"}
+        default_factory=lambda: {"rgb": "video", "flow": "npy", "pose": "npy", "depth": "npy", "skeleton": "npy"}
     )
 
     @classmethod
@@ -72,6 +72,8 @@ class SyntheticConfig:
         for k in ("classes_per_split", "formats"):
             if k in kw:
                 kw[k] = {**getattr(cls(), k), **dict(kw[k])}
+        if "formats" in kw:
+            kw["formats"] = {m: f for m, f in kw["formats"].items() if f is not None}
         out = cls(**kw)
         out.check()
         return out
@@ -233,13 +235,62 @@ def generate(cfg: SyntheticConfig, root: str | Path, workers: int = 2, progress:
                 _render_and_write(job)
                 bar.update()
         bar.close()
-        write_annotations(tmp / "annotations.csv", [rec for _, rec, _ in plan])
-        dataset_meta(cfg).save(tmp)  # written last: its presence marks a complete dataset
+        records = [rec for _, rec, _ in plan]
+        write_annotations(tmp / "annotations.csv", records)
+        _write_class_text(tmp, cfg)
+        meta = dataset_meta(cfg)
+        meta.extra["protocols"] = {
+            name: {"file": write_protocol(tmp, name, subsets), "description": PROTOCOLS[name]}
+            for name, subsets in protocol_subsets(records, cfg).items()
+        }
+        meta.save(tmp)  # written last: its presence marks a complete dataset
         os.replace(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+XSUB_TEST_FRACTION = 0.3  # the last 30% of each class's clips per domain: performers 7-9 of 10 at 20 clips
+PROTOCOLS = {
+    "xsub": "cross-performer (as NTU cross-subject): the first 70% of each class's clips per domain train "
+    "(clip k is performed by performer k // 2 at 20 clips: performers 0-6), the rest test; every class and domain",
+    "xdomain": "cross-domain (as NTU cross-view): the source domain trains, the target domain tests, every class",
+    "oneshot": "one-shot (as NTU-120's): the base and val classes train (both domains); each novel class has "
+    "one exemplar, its first target clip, and its other target clips test",
+}
+
+
+def protocol_subsets(records: list[ClipRecord], cfg: SyntheticConfig) -> dict[str, dict[str, str]]:
+    """The clip-level protocols of the synthetic dataset (:data:`PROTOCOLS`): clip id -> subset."""
+    number = lambda r: int(r.clip_id.rsplit("_", 1)[1])  # noqa: E731 - k of "<domain>_<class>_<k>"
+    target = cfg.domains[-1]
+    oneshot = {}
+    for r in records:
+        if r.split != "novel":
+            oneshot[r.clip_id] = "train"
+        elif r.domain == target:
+            oneshot[r.clip_id] = "exemplar" if number(r) == 0 else "test"
+    protocols = {
+        "xsub": {r.clip_id: "train" if number(r) < round((1 - XSUB_TEST_FRACTION) * cfg.clips_per_class) else "test" for r in records},
+        "xdomain": {r.clip_id: "train" if r.domain == cfg.domains[0] else "test" for r in records},
+        "oneshot": oneshot,
+    }
+    if len(cfg.domains) < 2:
+        del protocols["xdomain"]
+    return protocols
+
+
+def _write_class_text(root: Path, cfg: SyntheticConfig) -> None:
+    """``text/``: each class's description (:data:`~mmfsar.data.text.ACTION_DESCRIPTIONS`) and its
+    bag-of-words features, the class text of MMCL and CLIP-MDMF (DATA_STRUCTURE.md)."""
+    from mmfsar.data.text import BagOfWordsTextEncoder, describe_action, write_class_text
+
+    names = [c.name for c in cfg.classes()]
+    descriptions = {n: describe_action(n) for n in names}
+    encoder = BagOfWordsTextEncoder()
+    features = encoder.encode([descriptions[n] for n in names])
+    write_class_text(root, descriptions=descriptions, features=features, classes=names, encoder=encoder.settings())
 
 
 def _remove_stale_partials(root: Path) -> None:
