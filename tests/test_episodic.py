@@ -103,7 +103,7 @@ def test_episodic_training_raises_val_accuracy(head, task_dataset, tmp_path):
 
     from mmfsar.tasks.pipelines import build_training
 
-    small = ["model.classifier.proj_dim=32"] if head == "trx" else []
+    small = ["model.classifier.proj_dim=64"] if head == "trx" else []
     cfg = compose_pretrain(
         [*EPISODIC, f"fewshot/classifier@model.classifier={head}", *small, *tiny(task_dataset, batches=None), "data.val_domain=source"],
         tmp_path,

@@ -418,7 +418,7 @@ def test_dataset_without_the_encoders_modality_fails_fast(tmp_path, episode_data
     del meta["modalities"]["rgb"]
     (data / "meta.json").write_text(json.dumps(meta))
     shutil.copy(episode_dataset / "annotations.csv", data / "annotations.csv")
-    fails([f"encoder={tiny_encoder}", "data=folder", f"data.root={data}"], tmp_path / "out", DataError, r"reads modality 'rgb'.*meta.json lists \['depth', 'flow', 'pose'\]")
+    fails([f"encoder={tiny_encoder}", "data=folder", f"data.root={data}"], tmp_path / "out", DataError, r"reads modality 'rgb'.*meta.json lists \['depth', 'flow', 'pose', 'skeleton'\]")
 
 
 def test_impossible_episodes_fail_fast(tmp_path, episode_dataset, tiny_encoder):

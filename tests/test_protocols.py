@@ -125,8 +125,8 @@ def test_linear_probe_fits_and_masks_absent_classes() -> None:
 
 def test_skeleton_training_and_linear_evaluation(episode_dataset: Path, tmp_path: Path) -> None:
     """``experiment=skeleton_tiny/{joint,bone}`` on the xsub protocol (validated by top-1 on the
-    test clips), then linear evaluation of each stream and of both (averaged scores), and the
-    one-shot protocol: well above chance (1/13 classes) after a few epochs (printed: the figures of this run)."""
+    test clips), then linear evaluation of each stream and of both (averaged scores), the trained
+    head's top-1 (equal to the exported checkpoint's validation) and the one-shot protocol: well above chance (1/13 classes) after a few epochs (printed: the figures of this run)."""
     home = tmp_path / "home"
     runs = {}
     for stream, epochs, batches in (("joint", 5, None), ("bone", 1, 2)):  # bone: only for the multi-stream plumbing
@@ -158,6 +158,15 @@ def test_skeleton_training_and_linear_evaluation(episode_dataset: Path, tmp_path
     both = evals["both"]
     assert [s["modalities"] for s in both["per_stream"]] == [["skeleton"], ["skeleton_bone"]]
     assert both["per_stream"][0]["top1"] == joint["top1"]  # the same stream, the same probe
+
+    run_entry(
+        "lit_main_eval.py", "--config-name", "eval_protocol", "protocol=head", "data=folder", f"data.root={episode_dataset}",
+        f"encoder={runs['joint'] / 'encoder.pt'}", f"hydra.run.dir={tmp_path / 'head'}", "data.num_workers=0",
+        "++trainer.enable_progress_bar=false", home=home,
+    )  # fmt: skip
+    head = json.loads((tmp_path / "head" / "results.json").read_text())
+    assert head["classifier"] == "TrainedHead"
+    assert head["top1"] == pytest.approx(max(val), abs=1e-3)  # the exported checkpoint's validation: the same clips, the same head
 
     run_entry(
         "lit_main_eval.py", "--config-name", "eval_protocol", "protocol=oneshot", "data=folder", f"data.root={episode_dataset}",

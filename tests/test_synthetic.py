@@ -141,7 +141,7 @@ def test_generation_is_deterministic_and_independent_of_workers(tmp_path):
     assert fa == fb  # byte for byte: npy, mp4, annotations, meta
     assert fa["annotations.csv"] != fc["annotations.csv"]  # other seed: other frame ranges
     for name in fa:
-        if name.endswith(".npy"):
+        if name.endswith(".npy") and not name.startswith("text/"):  # class text does not depend on the seed
             assert not np.array_equal(np.load(a / name), np.load(c / name)), name
 
 

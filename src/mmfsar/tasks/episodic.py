@@ -85,6 +85,12 @@ class EpisodicModule(TrainingModule):
         else:
             encoder_cfg = modality_encoder_config(cfg.encoder, modality, datamodule.encoder_inputs(modality))
             encoder = instantiate(encoder_cfg, _convert_="all")
+        return cls.assemble(cfg, datamodule, encoder, encoder_cfg)
+
+    @classmethod
+    def assemble(cls, cfg: DictConfig, datamodule: Any, encoder: nn.Module, encoder_cfg: dict[str, Any]) -> "EpisodicModule":
+        """The module around a built ``encoder``: its matching head (``model.classifier``), the
+        data's task settings and the optimisation."""
         classifier, classifier_cfg = classifier_for(cfg.classifier, encoder, datamodule.val_set[0])
         return cls(
             encoder=encoder,
@@ -144,15 +150,7 @@ class EpisodicFusionModule(EpisodicModule):
         if datamodule.task_settings is None:
             raise ConfigError("episodic training needs model.episodes (n_way, k_shot, n_query, episodes, seed)")
         teacher, teacher_cfg = build_fusion_teacher(cfg, datamodule, num_classes=0)
-        classifier, classifier_cfg = classifier_for(cfg.classifier, teacher, datamodule.val_set[0])
-        return cls(
-            encoder=teacher,
-            encoder_config=teacher_cfg,
-            classifier=classifier,
-            classifier_config=classifier_cfg,
-            task=datamodule.task_settings,
-            optim=instantiate(cfg.optim),
-        )
+        return cls.assemble(cfg, datamodule, teacher, teacher_cfg)
 
     @classmethod
     def modality_configs(cls, model_cfg: DictConfig, modalities: DictConfig) -> dict[str, dict[str, Any]]:

@@ -178,9 +178,12 @@ def build_evaluation(cfg: DictConfig) -> tuple[dict[str, Any], L.LightningDataMo
     datamodule.setup("test")  # missing files, impossible episodes, an episode file of other clips
     fs = cfg.fewshot
     encoder = build_encoder(payload)
+    classifier = _eval_classifier(fs, payload, encoder, datamodule)
+    if hasattr(classifier, "bind_classes"):  # a text-conditioned head (CLIP-MDMF): the evaluated classes' texts
+        classifier.bind_classes(datamodule.episodes.class_names, root=cfg.data.root, encoder=encoder)
     module = FewShotEvalModule(
         encoder=encoder,
-        classifier=_eval_classifier(fs, payload, encoder, datamodule),
+        classifier=classifier,
         views=fs.views,
         mask_ratio=fs.mask_ratio,
         mask_seed=fs.seed,
@@ -281,7 +284,7 @@ def evaluate_protocol(cfg: DictConfig) -> dict[str, Any]:
     classes = datamodule.classes
     labels = torch.tensor([datamodule.clips.labels[r.label_name] for r in datamodule.clips.records])
     check_protocol(classifier, labels, datamodule.positions, classes, datamodule.protocol)
-    module = ProtocolEncodeModule(encoders=[build_encoder(p) for p in payloads])
+    module = ProtocolEncodeModule(encoders=[build_encoder(p) for p in payloads], reads=classifier.reads)
     trainer, loggers = _trainer(cfg)
     log.info(f"encoding {len(datamodule.clips)} clips of protocol {datamodule.protocol!r} with {len(files)} encoder(s)")
     trainer.test(module, datamodule=datamodule, verbose=False)

@@ -28,9 +28,11 @@ class ProtocolClassifier(ABC):
     """Class scores of the test clips from the frozen features of the support clips.
 
     ``support_subset``: which subset of the protocol is the labelled support (``train`` or
-    ``exemplar``)."""
+    ``exemplar``); ``reads``: which output of the encoder it reads (``pooled`` features or the
+    classifier head's ``logits``)."""
 
     support_subset: str = "train"
+    reads: str = "pooled"
 
     @abstractmethod
     def scores(self, support: Tensor, support_labels: Tensor, query: Tensor, num_classes: int) -> Tensor:
@@ -91,6 +93,23 @@ class ExemplarMatching(ProtocolClassifier):
         return sims.masked_fill(~_present(support_labels, num_classes), float("-inf"))
 
 
+class TrainedHead(ProtocolClassifier):
+    """The classifier head the encoder was trained with on the protocol's train clips (supervised
+    top-1 / top-5, as the skeleton papers report their models): its logits are the scores. The
+    head must classify the protocol's classes, in the protocol's order."""
+
+    support_subset = "train"
+    reads = "logits"
+
+    def scores(self, support: Tensor, support_labels: Tensor, query: Tensor, num_classes: int) -> Tensor:
+        if query.shape[1] != num_classes:
+            raise DataError(
+                f"the encoder's head scores {query.shape[1]} classes, the protocol has {num_classes}: "
+                "evaluate a model trained on this protocol, or use protocol=linear"
+            )
+        return query
+
+
 def _present(labels: Tensor, num_classes: int) -> Tensor:
     return torch.bincount(labels, minlength=num_classes) > 0
 
@@ -102,15 +121,19 @@ def topk_accuracy(scores: Tensor, labels: Tensor, k: int) -> float:
 
 
 class ProtocolEncodeModule(L.LightningModule):
-    """Encodes every clip of the protocol once with each frozen encoder (pooled clip features).
+    """Encodes every clip of the protocol once with each frozen encoder (pooled clip features,
+    or with ``reads="logits"`` the scores of the encoder's classifier head).
 
     Under DDP each rank encodes its share of the test loader; ``on_test_epoch_end`` gathers the
     banks, so :attr:`features` (one ``(clips, D)`` tensor per encoder) is complete on every rank.
     """
 
-    def __init__(self, *, encoders: Sequence[nn.Module]) -> None:
+    def __init__(self, *, encoders: Sequence[nn.Module], reads: str = "pooled") -> None:
         super().__init__()
+        if reads not in ("pooled", "logits"):
+            raise ValueError(f"reads must be 'pooled' or 'logits', got {reads!r}")
         self.encoders = nn.ModuleList(encoders)
+        self.reads = reads
         self.features: list[Tensor] = []
         self._banks: list[FeatureBank] = []
 
@@ -124,8 +147,10 @@ class ProtocolEncodeModule(L.LightningModule):
     @torch.no_grad()
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         for bank, encoder in zip(self._banks, self.encoders):
-            pooled = encoder({m: batch[m] for m in encoder.modalities}).pooled
-            bank.add(batch["index"], pooled[:, None, None])
+            out = getattr(encoder({m: batch[m] for m in encoder.modalities}), self.reads)
+            if out is None:
+                raise DataError(f"{type(encoder).__name__} has no classifier head: its logits cannot be the scores")
+            bank.add(batch["index"], out[:, None, None])
 
     def on_test_epoch_end(self) -> None:
         self.features = [b.gather(self.all_gather, self.trainer.world_size)[:, 0, 0].cpu() for b in self._banks]

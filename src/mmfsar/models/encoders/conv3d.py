@@ -25,6 +25,9 @@ class Conv3DEncoder(UnmaskedBackbone):
         in_channels, num_frames, img_size: the input clips ``(B, C, T, H, W)``.
         widths: output channels of each block (the last one is the feature dimension).
         temporal_strides: temporal stride of each block (their product divides ``num_frames``).
+        stem_temporal_kernel: temporal extent of the first block's kernel (odd). 1: the first block
+            sees single frames; 3: it compares neighbouring frames at the input resolution, where
+            thin moving limbs are still resolved (RGB: motion must be computed from the frames).
     """
 
     def __init__(
@@ -35,6 +38,7 @@ class Conv3DEncoder(UnmaskedBackbone):
         img_size: int,
         widths: Sequence[int] = (32, 64, 128, 128),
         temporal_strides: Sequence[int] = (1, 1, 2, 2),
+        stem_temporal_kernel: int = 1,
     ) -> None:
         super().__init__()
         if len(widths) != len(temporal_strides):
@@ -46,7 +50,7 @@ class Conv3DEncoder(UnmaskedBackbone):
         self.in_channels, self.num_frames, self.img_size = in_channels, num_frames, img_size
         blocks, c = [], in_channels
         for i, (w, st) in enumerate(zip(widths, temporal_strides)):
-            k = (1, 3, 3) if i == 0 else (3, 3, 3)
+            k = (stem_temporal_kernel, 3, 3) if i == 0 else (3, 3, 3)
             pad = tuple(x // 2 for x in k)
             blocks += [nn.Conv3d(c, w, k, (st, 2, 2), pad, bias=False), nn.BatchNorm3d(w), nn.ReLU(inplace=True)]
             c = w
