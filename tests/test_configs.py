@@ -39,6 +39,11 @@ def test_every_preset_is_in_a_chain():
     presets = {f"{p.parent.name}/{p.stem}" for p in (CONFIG_DIR / "experiment").glob("*/*.yaml")}
     chained = {f"{method}/{stage}" for method, (_, stages) in CHAINS.items() for stage in stages}
     single = {"demo/eval", "search/mm_cdfsl_tiny_lr"} | {f"skeleton_tiny/{s}" for s in ("supervised", *SKELETON_STREAMS)}
+    single |= {"mmcl/train", "mmcl/eval", "mmcl_tiny/rgb", "mmcl_tiny/train", "mmcl_tiny/eval"}  # test_mmcl_training
+    single |= {f"{m}/{s}" for m in ("ikem", "ikem_tiny") for s in ("pretrain", "teacher", "distill", "eval")}  # test_ikem
+    single |= {"ikem/linear"}
+    single |= {"clip_mdmf/clip_mdmf", "clip_mdmf/eval"}  # test_clip_mdmf_training
+    single |= {f"clip_mdmf_tiny/{s}" for s in ("clip", "clip_mdmf", "eval")}
     assert presets == chained | single
 
 

@@ -63,3 +63,39 @@ def test_demo_pipeline_reduced(tmp_path):
     stages += ["distill MM-CDFSL", "distill Lite-MKD"]
     stages += [f"evaluate 5-way {k}-shot, {kind}" for k in (1, 5) for kind in ("logreg", "head")] + ["total"]
     assert list(timings) == stages and all(v > 0 for v in timings.values())
+
+
+SKELETON_ROWS = [
+    "sup_joint", "sup_bone", "sup_motion", "sup_3s", "ikem_joint", "ikem_teacher",
+    "ikem_student_joint", "ikem_student_motion", "ikem_student_bone", "ikem_students", "mmcl_joint",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_skeleton_demo_reduced(tmp_path):
+    """scripts/demo_skeleton.py end to end on a small dataset, one epoch per stage: every row has
+    its linear-evaluation and both few-shot cells, and the rows share one episode file per setting."""
+    out = tmp_path / "skeleton_demo"
+    cmd = [
+        sys.executable,
+        "scripts/demo_skeleton.py",
+        "--out", str(out),
+        "--episodes", "20",
+        "--data-root", str(tmp_path / "data"),
+        "--generator", "classes_per_split={base: 2, val: 1, novel: 5}",
+        "--override", "trainer.max_epochs=1",
+        "--override", "trainer.check_val_every_n_epoch=1",
+        "--override", "data.num_workers=0",
+        "--quiet",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    cells = {(r["row"], r["metric"]) for r in rows}
+    metrics = {r["metric"] for r in rows}
+    assert metrics == {"linear top-1 (xsub)", "5-way 1-shot", "5-way 5-shot"}, metrics
+    assert cells == {(row, m) for row in SKELETON_ROWS for m in metrics}
+    assert all(0 <= float(r["mean"]) <= 100 for r in rows)
+    timings = json.loads((out / "timings.json").read_text())
+    assert "MMCL joint" in timings and "RGB encoder (MMCL's frozen teacher)" in timings and timings["total"] > 0

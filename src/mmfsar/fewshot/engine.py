@@ -146,6 +146,7 @@ def episode_probabilities(
     *,
     chunk: int = 1000,
     progress: Callable[[int], None] | None = None,
+    classes: Tensor | None = None,
 ) -> Tensor:
     """Class probabilities of every query of every episode, averaged over query views.
 
@@ -155,6 +156,8 @@ def episode_probabilities(
     (MM-CDFSL's ensemble masked inference). A classifier's per-clip part
     (:meth:`~mmfsar.fewshot.EpisodeClassifier.embed`) runs once per clip, then ``chunk`` episodes
     are matched per call (memory); ``progress`` is called with the number of episodes done after each.
+    ``classes`` (E, N): each way's class position (``EpisodeSet.classes``), passed to the ``match`` of
+    classifiers that declare ``needs_classes`` (CLIP-MDMF prompts with the episode's class texts).
     Returns (E, N, Q, N): episode, way of the query, query within the way, class probabilities.
     """
     _check_bank(features, episodes, k_shot)
@@ -163,6 +166,11 @@ def episode_probabilities(
     episodes = episodes.to(features.device)
     total, n_way, per_way = episodes.shape
     n_query, views = per_way - k_shot, features.shape[1]
+    if classes is not None:
+        if tuple(classes.shape) != (total, n_way):
+            raise ValueError(f"classes must be (episodes, n_way) = {(total, n_way)}, got {tuple(classes.shape)}")
+        classes = classes.to(features.device)
+    needs_classes = bool(getattr(classifier, "needs_classes", False))
     out = features.new_empty(total, n_way, n_query, n_way)
     with torch.no_grad():
         if hasattr(classifier, "check"):  # an EpisodeClassifier: its per-clip part once per clip
@@ -176,7 +184,8 @@ def episode_probabilities(
             e = block.shape[0]
             support = support_bank.index_select(0, block[:, :, :k_shot].reshape(-1)).view(e, n_way, k_shot, time, dim)
             query = features.index_select(0, block[:, :, k_shot:].reshape(-1)).view(e, -1, time, dim)
-            probs = torch.softmax(match(support, query).float(), -1)
+            extra = {"classes": None if classes is None else classes[start : start + e]} if needs_classes else {}
+            probs = torch.softmax(match(support, query, **extra).float(), -1)
             out[start : start + e] = probs.view(e, n_way, n_query, views, n_way).mean(3)
             if progress is not None:
                 progress(e)

@@ -254,30 +254,16 @@ def mutual_distillation_loss(
     return MutualDistillation(loss=loss, local_is_teacher=local_is_teacher, weight=weight, kl=kl.detach())
 
 
-def _soft_min(values: list[torch.Tensor], smoothing: float) -> torch.Tensor:
-    """min_γ(a_1..a_n) = −γ·log Σ exp(−a_i/γ)."""
-    return -smoothing * torch.logsumexp(torch.stack(values, dim=0) / -smoothing, dim=0)
-
-
 def _otam_one_way(dist: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """OTAM's cumulative cost of aligning rows (query frames) to columns (support frames).
+    """OTAM's cumulative cost of aligning rows (query frames) to columns (support frames), ``dist (..., L, M)``.
 
-    ``dist (..., L, M)`` padded with a zero column on each side; Γ[0, m] sums the first row;
-    Γ[l, m] = D[l, m] + min_γ(Γ[l−1, m−1], Γ[l, m−1]), plus Γ[l−1, m] in the padded columns
-    (METHODS.md section 6). The released code also lets the first real column come from
-    Γ[l−1, 1]; this follows the OTAM paper. Loops over frames only (the DP), batched over ``...``.
+    The shared implementation (:func:`mmfsar.fewshot.matching.otam_distance`, the OTAM paper's
+    recursion, METHODS.md section 6), so CLIP-MDMF's training head and its evaluation classifier
+    (:class:`~mmfsar.fewshot.clip_mdmf.ClipMDMFClassifier`) match with the same OTAM as the rest.
     """
-    padded = F.pad(dist, (1, 1))
-    rows, cols = padded.shape[-2], padded.shape[-1]
-    previous = list(padded[..., 0, :].cumsum(dim=-1).unbind(dim=-1))
-    for row in range(1, rows):
-        current = [previous[0] + padded[..., row, 0]]
-        for col in range(1, cols - 1):
-            current.append(padded[..., row, col] + _soft_min([previous[col - 1], current[col - 1]], smoothing))
-        last = [previous[cols - 2], current[cols - 2], previous[cols - 1]]
-        current.append(padded[..., row, cols - 1] + _soft_min(last, smoothing))
-        previous = current
-    return previous[-1]
+    from mmfsar.fewshot.matching import otam_distance
+
+    return otam_distance(dist, smoothing=smoothing)
 
 
 def _otam_distance(
@@ -288,8 +274,6 @@ def _otam_distance(
     ``q (..., Tq, D)`` and ``s (..., Ts, D)`` broadcast over ``...``; returns ``(...)``.
     Bidirectional: the mean of the query→support and support→query alignments (METHODS.md; the
     released CLIP-FSAR / CLIP-MDMF code sums them, i.e. twice these logits).
-
-    Private stand-in until the shared ``mmfsar.fewshot.matching.OTAM`` lands; replace it then.
     """
     if smoothing <= 0:
         raise ValueError(f"OTAM smoothing must be positive, got {smoothing}")

@@ -197,7 +197,7 @@ class TrainingModule(L.LightningModule):
         feats = bank.gather(self.all_gather, self.trainer.world_size)
         episodes = dm.val_episodes
         positions = episode_positions(episodes, [r.clip_id for r in dm.val_set.records]).to(feats.device)
-        acc = solve_episodes(self.val_classifier, feats, positions, episodes.settings.k_shot)
+        acc = solve_episodes(self.val_classifier, feats, positions, episodes.settings.k_shot, classes=episodes.classes)
         mean, ci = mean_confidence_interval(acc)
         self.log_dict({"val/acc": mean, "val/ci": ci}, prog_bar=True, sync_dist=False)
 

@@ -117,7 +117,13 @@ class FewShotEvalModule(L.LightningModule):
         )
         with bar:
             local = solve_episodes(
-                self.classifier, features, positions[shard], episodes.settings.k_shot, chunk=self.chunk, progress=bar.update
+                self.classifier,
+                features,
+                positions[shard],
+                episodes.settings.k_shot,
+                chunk=self.chunk,
+                progress=bar.update,
+                classes=episodes.classes.to(shard.device)[shard],
             )
         acc = torch.full((len(episodes),), -1.0, device=features.device)
         acc[shard] = local.float()
