@@ -90,6 +90,7 @@ class Demo:
         if proc.returncode != 0:
             self.save_timings()
             raise SystemExit(f"stage {stage!r} failed (exit {proc.returncode}); command above")
+        self.save_timings()  # after every stage: an interrupted run resumes with --reuse
         print(f"--- {stage}: {self.timings[stage]:.0f} s", flush=True)
 
     def save_timings(self) -> None:
