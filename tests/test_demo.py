@@ -82,7 +82,7 @@ def test_skeleton_demo_reduced(tmp_path):
         "--out", str(out),
         "--episodes", "20",
         "--data-root", str(tmp_path / "data"),
-        "--generator", "classes_per_split={base: 2, val: 1, novel: 5}",
+        "--generator", "classes_per_split={base: 5, val: 5, novel: 5}",  # MMCL's RGB encoder validates on 5-way val episodes
         "--override", "trainer.max_epochs=1",
         "--override", "trainer.check_val_every_n_epoch=1",
         "--override", "data.num_workers=0",
