@@ -58,10 +58,15 @@ MODELS = {
 
 
 class Demo:
+    """Runs the stages, records their wall times (``timings.json``) and resumes with ``--reuse``;
+    ``scripts/demo_skeleton.py`` runs its own stages through the same machinery."""
+
+    logs = "demo"  # default output folder: logs/<logs>/<time>
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        self.out = Path(args.out or ROOT / "logs" / "demo" / stamp).resolve()
+        self.out = Path(args.out or ROOT / "logs" / self.logs / stamp).resolve()
         self.out.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
         previous = self.out / "timings.json"

@@ -40,20 +40,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import re
-import shlex
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from demo import Demo  # noqa: E402  (scripts/demo.py: stages, timings, --reuse)
 from mmfsar.fewshot.stats import format_mean_ci  # noqa: E402
 
 SETTINGS = (1, 5)  # k_shot, 5-way, 15 queries
@@ -113,19 +109,11 @@ ROWS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 
-class SkeletonDemo:
+class SkeletonDemo(Demo):
+    logs = "demo_skeleton"
+
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        self.out = Path(args.out or ROOT / "logs" / "demo_skeleton" / stamp).resolve()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.timings: dict[str, float] = {}
-        previous = self.out / "timings.json"
-        self.previous = json.loads(previous.read_text()) if previous.is_file() else {}
-        self.data = [f"data.root={args.data_root}"] if args.data_root else []
-        self.data += [f"data.generator.{kv}" for kv in args.generator]
-        self.common = self.data + ["print_config=false", "callbacks.model_summary=null"] + list(args.override)
-        self.seeds = [int(s) for s in args.seeds.split(",")]
+        super().__init__(args)
         self.rows = args.rows.split(",") if args.rows else list(ROWS)
         self.given = dict(kv.split("=", 1) for kv in args.encoder)
         unknown = [name for name in self.given if name not in TRAININGS]
@@ -134,34 +122,6 @@ class SkeletonDemo:
         unknown = [r for r in self.rows if r not in ROWS]
         if unknown:
             raise SystemExit(f"--rows: unknown rows {unknown}; known: {', '.join(ROWS)}")
-
-    def run(self, stage: str, argv: list[str], produces: Path | None = None) -> None:
-        """Run one command, streaming its output, and record the stage's wall time (``--reuse``:
-        skip a stage whose output exists and keep its recorded time)."""
-        if self.args.reuse and produces is not None and produces.is_file() and stage in self.previous:
-            self.timings[stage] = self.previous[stage]
-            print(f"\n=== {stage} === reusing {produces}", flush=True)
-            return
-        cmd = [sys.executable, *argv]
-        print(f"\n=== {stage} ===\n$ {shlex.join(cmd)}", flush=True)
-        start = time.perf_counter()
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        out = subprocess.DEVNULL if self.args.quiet else None
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
-        self.timings[stage] = round(time.perf_counter() - start, 1)
-        if proc.returncode != 0:
-            self.save_timings()
-            raise SystemExit(f"stage {stage!r} failed (exit {proc.returncode}); command above")
-        self.save_timings()  # after every stage: an interrupted run resumes with --reuse
-        print(f"--- {stage}: {self.timings[stage]:.0f} s", flush=True)
-
-    def save_timings(self) -> None:
-        self.timings.pop("total", None)
-        self.timings["total"] = round(sum(self.timings.values()), 1)
-        (self.out / "timings.json").write_text(json.dumps(self.timings, indent=1))
-
-    def folder(self, seed: int) -> Path:
-        return self.out if len(self.seeds) == 1 else self.out / f"seed{seed}"
 
     def main(self) -> None:
         print(f"mmfsar skeleton demo: output folder {self.out}")
