@@ -209,6 +209,21 @@ def test_logistic_regression_warns_when_not_converged():
         assert any("did not converge" in str(w.message) for w in caught), solver
 
 
+def test_newton_at_an_unreachable_tolerance_keeps_its_best_finite_fit():
+    # Below float64's round-off the gradient test cannot pass; the solver used to divide by a
+    # round-off curvature and return NaN weights for some episodes. It must stop at a finite fit
+    # that is the optimum to the precision available, and say it did not converge.
+    features = structured_features(classes=12, per_class=25, dim=128, spread=4.0, seed=7)
+    episodes = random_episodes(12, 25, n_way=5, k_shot=5, n_query=5, count=60, seed=7)
+    support, labels = support_rows(features, episodes, 5)
+    reference = LogisticRegressionClassifier().fit(support, labels, 5)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        head = LogisticRegressionClassifier(tol=1e-15, max_iter=30).fit(support, labels, 5)
+    assert bool(torch.isfinite(head.weight).all()) and bool(torch.isfinite(head.bias).all())
+    ours = logistic_objective(support, labels, head.weight, head.bias)
+    assert torch.allclose(ours, logistic_objective(support, labels, reference.weight, reference.bias), rtol=1e-9)
+
+
 # --- the engine on a bank: chunks, views ------------------------------------------------------
 
 

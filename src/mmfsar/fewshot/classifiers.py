@@ -255,9 +255,9 @@ class LogisticRegressionClassifier(EpisodeClassifier):
     only adds to ‖W‖², so the optimum lies in their span; with an orthonormal basis Q of it
     (Cholesky of the support Gram matrix, :func:`_kernel_reduction`) the problem is the same
     logistic regression on S-dimensional features (S = support size, 25 at 5-way 5-shot, instead
-    of D), and W = Bᵀ·Qᵀ. Newton steps by conjugate gradients preconditioned with Böhning's bound
-    (diag(p) − p·pᵀ ≤ ½(I − 11ᵀ/N), which gives a fixed matrix per episode, inverted once), and
-    an Armijo line search.
+    of D), and W = Bᵀ·Qᵀ. Newton steps by conjugate gradients in coordinates whitened by
+    Böhning's bound on the Hessian (a fixed matrix per episode, factored once), and an Armijo
+    line search (:func:`_newton_logistic`).
 
     ``solver="sklearn"`` fits scikit-learn's ``LogisticRegression`` itself, episode by episode
     (``n_jobs`` joblib workers), on the features as given: bit-exact parity with a paper's
@@ -356,41 +356,57 @@ def _sklearn_fit(support: np.ndarray, labels: np.ndarray, options: dict) -> tupl
 def _newton_logistic(
     features: Tensor, labels: Tensor, n_way: int, C: float, max_iter: int, tol: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Preconditioned Newton-CG on ``C·Σ CE + ½‖W‖²`` for E episodes at once (float64).
+    """Newton-CG on ``C·Σ CE + ½‖W‖²`` for E episodes at once (float64).
 
-    Converged: the gradient's max-norm is below ``tol·C·S`` (scikit-learn's scaling of its
+    The variables are whitened by Böhning's bound on the Hessian (diag(p) − p·pᵀ ≤ ½I gives
+    H ≤ M = ½C·X₁ᵀX₁ + P, P the penalty's diagonal, 0 for the intercept): with M = UᵀU and
+    φ = U·θ the bound is the identity, so plain CG on the whitened Hessian
+    ``I + C·X̃ᵀ(D − ½I)X̃`` (X̃ = X₁·U⁻¹) converges as fast as CG preconditioned by M⁻¹ while
+    each iteration costs two small batched products instead of three. Backtracking (Armijo) line
+    search per episode; a step that cannot decrease the objective (round-off at an unreachable
+    ``tol``) is not taken.
+
+    Converged: the θ-gradient's max-norm is below ``tol·C·S`` (scikit-learn's scaling of its
     tolerance: the objective divided by C·S). Returns theta (E, D + 1, N) (W stacked over the
     intercept row: logits = [x, 1] @ theta), converged (E,) and Newton steps taken (E,).
     """
     episodes, shots, dim = features.shape
     dtype = features.dtype
     x1 = torch.cat([features, features.new_ones(episodes, shots, 1)], -1)  # (E, S, D + 1)
-    x1t = x1.transpose(1, 2)
-    targets = F.one_hot(labels.long(), n_way).to(dtype)
-    penalised = torch.ones(dim + 1, 1, dtype=dtype, device=features.device)
+    penalised = torch.ones(dim + 1, dtype=dtype, device=features.device)
     penalised[-1] = 0
-    precondition = torch.linalg.inv(0.5 * C * (x1t @ x1) + torch.diag(penalised.squeeze(1)))  # once
+    bound = 0.5 * C * (x1.transpose(1, 2) @ x1) + torch.diag(penalised)  # positive definite
+    root = torch.linalg.cholesky(bound, upper=True)  # bound = rootᵀ·root
+    # Class-major layout (E, N, ·): CPU batched products of these small shapes are ~2x faster so.
+    xw = torch.linalg.solve_triangular(root, x1, upper=True, left=False).contiguous()  # X̃ = X₁·root⁻¹
+    xwt = xw.transpose(1, 2).contiguous()
+    targets = F.one_hot(labels.long(), n_way).to(dtype).transpose(1, 2)  # (E, N, S)
     tiny = torch.finfo(dtype).tiny
 
-    def objective(theta: Tensor) -> Tensor:
-        logp = torch.log_softmax(x1 @ theta, -1)
-        return -C * (logp * targets).sum((1, 2)) + 0.5 * (theta * penalised).pow(2).sum((1, 2))
-
-    def hessian_times(probs: Tensor, v: Tensor) -> Tensor:
-        weighted = probs * (x1 @ v)
-        weighted = weighted - probs * weighted.sum(-1, keepdim=True)
-        return C * (x1t @ weighted) + penalised * v
+    def objective(phi: Tensor) -> Tensor:  # ½θᵀPθ = ½‖φ‖² − ¼C‖X₁θ‖²
+        logits = phi @ xwt
+        ce = -(torch.log_softmax(logits, 1) * targets).sum((1, 2))
+        return C * ce + 0.5 * phi.pow(2).sum((1, 2)) - 0.25 * C * logits.pow(2).sum((1, 2))
 
     def dot(a: Tensor, b: Tensor) -> Tensor:
         return (a * b).sum((1, 2))
 
-    theta = features.new_zeros(episodes, dim + 1, n_way)
+    # The objective is flat along one direction, the same shift of every class's intercept
+    # (φ-direction 1·uᵀ, u = root's last column). The gradient is orthogonal to it; projecting
+    # round-off out of each step keeps the intercepts from drifting along it.
+    shift = root[:, None, :, -1] / (n_way * root[:, :, -1].pow(2).sum(1)).sqrt()[:, None, None]
+
+    def off_flat(a: Tensor) -> Tensor:
+        return a - shift * (shift * a).sum((1, 2), keepdim=True)
+
+    phi = features.new_zeros(episodes, n_way, dim + 1)  # φᵀ
     first_norm = None
     steps = torch.zeros(episodes, dtype=torch.long, device=features.device)
     while True:
-        probs = torch.softmax(x1 @ theta, -1)
-        grad = C * (x1t @ (probs - targets)) + penalised * theta
-        converged = grad.abs().amax((1, 2)) <= tol * C * shots
+        logits = phi @ xwt
+        probs = torch.softmax(logits, 1)
+        grad = off_flat((C * (probs - targets) - 0.5 * C * logits) @ xw + phi)
+        converged = (grad @ root).abs().amax((1, 2)) <= tol * C * shots  # the θ-gradient
         if int(steps.max()) == max_iter or bool(converged.all()):
             break
         grad_norm = dot(grad, grad).sqrt()
@@ -400,33 +416,38 @@ def _newton_logistic(
         limit = torch.where(converged, torch.inf, forcing * grad_norm)
         step = torch.zeros_like(grad)
         residual = -grad
-        direction = precondition @ residual
-        rz = dot(residual, direction)
+        direction = residual
+        rr = dot(residual, residual)
         for _ in range(2 * (dim + 1) * n_way):
-            running = dot(residual, residual).sqrt() > limit
+            running = rr.sqrt() > limit
             if not bool(running.any()):
                 break
-            curved = hessian_times(probs, direction)
-            alpha = torch.where(running, rz / dot(direction, curved).clamp_min(tiny), 0)
+            z = direction @ xwt
+            weighted = probs * z
+            weighted = C * (weighted - probs * weighted.sum(1, keepdim=True) - 0.5 * z)
+            curved = weighted @ xw + direction
+            curvature = dot(direction, curved)
+            running = running & (curvature > 0)
+            alpha = torch.where(running, rr / curvature.clamp_min(tiny), 0)
             step = step + alpha[:, None, None] * direction
             residual = residual - alpha[:, None, None] * curved
-            preconditioned = precondition @ residual
-            rz_next = dot(residual, preconditioned)
-            beta = torch.where(running, rz_next / rz.clamp_min(tiny), 0)
-            direction = preconditioned + beta[:, None, None] * direction
-            rz = rz_next
-        # backtracking (Armijo) line search, per episode; round-off must not reject a good step
-        current = objective(theta)
+            rr_next = dot(residual, residual)
+            beta = torch.where(running, rr_next / rr.clamp_min(tiny), 0)
+            direction = residual + beta[:, None, None] * direction
+            rr = rr_next
+        step = off_flat(step)
+        current = objective(phi)
         slope = dot(grad, step)
-        slack = 16 * torch.finfo(dtype).eps * current.abs()
+        slack = 16 * torch.finfo(dtype).eps * current.abs()  # round-off must not reject a good step
         length = torch.ones_like(current)
         for _ in range(40):
-            failed = objective(theta + length[:, None, None] * step) > current + 1e-4 * length * slope + slack
+            failed = ~(objective(phi + length[:, None, None] * step) <= current + 1e-4 * length * slope + slack)
             if not bool(failed.any()):
                 break
             length = torch.where(failed, length / 2, length)
-        theta = theta + length[:, None, None] * step
+        phi = phi + torch.where(failed, 0, length)[:, None, None] * step
         steps += (~converged).long()
+    theta = torch.linalg.solve_triangular(root, phi.transpose(1, 2), upper=True)
     return theta, converged, steps
 
 
