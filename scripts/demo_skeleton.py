@@ -14,7 +14,7 @@ that can be copied and changed with overrides.
 3. join the three-stream rows' exports into one multi-stream ``encoder.pt``
    (``python -m mmfsar.models.multistream``: normalised concatenation of the streams' features);
 4. evaluate every row: linear evaluation top-1 on the xsub test clips (``--config-name
-   eval_protocol``, several encoders = scores averaged), and 5-way 1-shot / 5-shot episodes on
+   eval_protocol``, several encoders = scores averaged; one multirun, job i = row i), and 5-way 1-shot / 5-shot episodes on
    the novel classes of the target domain (15 queries, ``--episodes``, logistic regression on the
    frozen features, the same saved episodes for every row; the main demo's setting, so the
    tables compare);
@@ -180,21 +180,23 @@ class SkeletonDemo(Demo):
     def evaluate(self, seed: int) -> list[dict]:
         out, results = self.folder(seed), []
         tag = f" (seed {seed})" if len(self.seeds) > 1 else ""
-        for row in self.rows:
-            files = ",".join(str(self.encoders(out)[p]) for p in ROWS[row][1])
-            run_dir = out / "linear" / row
-            self.run(
-                f"linear evaluation {row}{tag}",
-                [
-                    "lit_main_eval.py",
-                    "--config-name",
-                    "eval_protocol",
-                    f"encoder=[{files}]",
-                    f"hydra.run.dir={run_dir}",
-                    *self.data,
-                ],
-            )
-            r = json.loads((run_dir / "results.json").read_text())
+        sweep = out / "linear"  # one process for every row: job i evaluates self.rows[i]
+        self.run(
+            f"linear evaluation{tag}",
+            [
+                "lit_main_eval.py",
+                "--config-name",
+                "eval_protocol",
+                "-m",
+                "encoder=" + ",".join("[" + ",".join(str(self.encoders(out)[p]) for p in ROWS[row][1]) + "]" for row in self.rows),
+                f"hydra.sweep.dir={sweep}",
+                *self.data,
+            ],
+        )
+        for job, row in enumerate(self.rows):
+            r = json.loads((sweep / str(job) / "results.json").read_text())
+            expected = ", ".join(str(self.encoders(out)[p]) for p in ROWS[row][1])
+            assert r["encoder"] == expected, f"linear evaluation job {job} evaluated {r['encoder']}, not row {row}"
             results.append(
                 {"row": row, "seed": seed, "metric": f"linear top-1 ({r['protocol']})", "mean": r["top1"], "ci95": None}
             )
