@@ -28,12 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,6 +43,7 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
 from mmfsar.tasks.pipelines import build_training  # noqa: E402
+from common import interleaved, load_average, start_step_benchmark  # noqa: E402
 
 SIX = [
     "skeleton",
@@ -77,20 +74,6 @@ def optimizer_step(module: torch.nn.Module) -> Callable[[Callable[[], torch.Tens
         opt.step()
 
     return step
-
-
-def interleaved(variants: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each variant, rounds interleaving the variants."""
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def plain_module(modality: str, common: list[str], tmp: Path) -> Any:
@@ -162,25 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     args.data = [] if args.root is None else ["data=folder", f"data.root={args.root}"]
     if args.tiny:
         args.batch_size, args.warmup, args.repeats = 4, 0, 1
-    warnings.filterwarnings("ignore", message=r".*self\.log\(\)")  # training_step outside a Trainer
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    results: dict[str, Any] = {
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-    }
+    results = start_step_benchmark(args)
     with tempfile.TemporaryDirectory(prefix="bench_contrastive_") as tmp:
         print("[bench_contrastive] building ...", file=sys.stderr, flush=True)
         results |= bench(args, Path(tmp))
-    results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["machine"]["load_average_end"] = load_average()
     results["targets"] = {"contrastive_over_plain <=": 2.0, "ok": results["contrastive_over_plain"] <= 2.0}
     print(json.dumps(results, indent=1))
 

@@ -68,12 +68,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
@@ -91,6 +89,7 @@ from omegaconf import DictConfig, open_dict  # noqa: E402
 from mmfsar.models.base import load_export  # noqa: E402
 from mmfsar.tasks.common import frozen_module_outputs  # noqa: E402
 from mmfsar.tasks.pipelines import build_training, export_trained  # noqa: E402
+from common import interleaved, load_average, timed, start_step_benchmark  # noqa: E402
 
 MODALITIES = ("rgb", "flow", "pose")
 VIT_ON_SYNTHETIC = ["model/encoder=vit_tiny", "input=synthetic", "data.frames.num_frames=8"]
@@ -168,24 +167,6 @@ def optimizer_step(module: torch.nn.Module) -> Callable[[Callable[[], torch.Tens
         opt.step()
 
     return step
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def interleaved(variants: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each variant, rounds interleaving the variants."""
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            times[name].append(timed(fn))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def profile_distill(module: Any, batch: dict[str, Any], warmup: int, repeats: int) -> dict[str, float]:
@@ -419,27 +400,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.tiny:
         args.batch_size, args.warmup, args.repeats, args.recipes = 4, 0, 1, "mm_cdfsl,lite_mkd"
         args.tasks = args.tasks or "{n_way: 3, k_shot: 2, n_query: 2, episodes: 2, seed: 0}"
-    # training_step outside a Trainer: self.log() is a no-op that warns on every call
-    warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    results: dict[str, Any] = {
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-    }
+    results = start_step_benchmark(args)
     with tempfile.TemporaryDirectory(prefix="bench_distill_") as tmp:
         for name in args.recipes.split(","):
             print(f"[bench_distill] {name} ...", file=sys.stderr, flush=True)
             results[name] = bench_recipe(name, args, Path(tmp))
-    results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["machine"]["load_average_end"] = load_average()
     results["targets"] = {
         "distill_over_plain <=": 1.5,
         **{f"{n}.distill_over_plain_ok": results[n]["distill_over_plain"] <= 1.5 for n in args.recipes.split(",")},

@@ -34,12 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -55,6 +52,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
 from mmfsar.tasks.pipelines import build_training, export_trained
+from common import interleaved, load_average, start_step_benchmark
 
 TARGET = 1.3
 
@@ -80,20 +78,6 @@ def optimizer_step(module: torch.nn.Module) -> Callable[[Callable[[], torch.Tens
         opt.step()
 
     return step
-
-
-def interleaved(variants: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each variant, rounds interleaving the variants."""
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -176,25 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     args.data = [] if args.root is None else ["data=folder", f"data.root={args.root}"]
     if args.tiny:
         args.batch_size, args.warmup, args.repeats = 4, 0, 1
-    warnings.filterwarnings("ignore", message=r".*self\.log\(\)")  # training_step outside a Trainer
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    results: dict[str, Any] = {
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-    }
+    results = start_step_benchmark(args)
     print("[bench_mmcl] building and caching ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_mmcl_") as tmp:
         results["mmcl"] = bench(args, Path(tmp))
-    results["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["machine"]["load_average_end"] = load_average()
     results["targets"] = {
         "mmcl_over_plain <=": TARGET,
         "mmcl_over_plain_ok": results["mmcl"]["mmcl_over_plain"] <= TARGET,
