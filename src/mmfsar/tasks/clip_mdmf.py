@@ -29,10 +29,8 @@ evaluated classes' texts to it: text is used at test time, as in the paper.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -42,7 +40,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from mmfsar.data.episodes import EpisodeSettings, split_task
 from mmfsar.errors import ConfigError
 from mmfsar.fewshot.clip_mdmf import ClipMDMFClassifier
-from mmfsar.models.base import EncoderOutput, exported_modalities, load_export, plain_config
+from mmfsar.models.base import EncoderOutput, exported_modalities, load_export
 from mmfsar.models.clip_towers import ClipTowers, clip_towers_config, configured_weights, require_clip_weights
 from mmfsar.tasks.common import Optimization, TrainingModule
 from mmfsar.tasks.episodic import classifier_for

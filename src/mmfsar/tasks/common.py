@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from torch import nn
+from torch import Tensor, nn
 
 from mmfsar.errors import ConfigError
 from mmfsar.fewshot import PrototypeClassifier, mean_confidence_interval
@@ -110,6 +110,24 @@ class TrainingModule(L.LightningModule):
         super().__init__()
         self.optim = optim
         self._bank: FeatureBank | None = None
+
+    def log_training(
+        self,
+        loss: Tensor,
+        *,
+        batch_size: int,
+        terms: Mapping[str, Tensor] | None = None,
+        accuracy: tuple[Tensor, Tensor] | None = None,
+    ) -> None:
+        """A training step's ``train/<term>`` values, ``train/loss`` (progress bar) and, given
+        ``accuracy=(logits, labels)``, ``train/acc`` through the module's ``train_acc`` metric."""
+        if accuracy is not None:
+            self.train_acc(accuracy[0].detach(), accuracy[1])
+        if terms:
+            self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=batch_size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        if accuracy is not None:
+            self.log("train/acc", self.train_acc, batch_size=batch_size)
 
     @property
     def val_classifier(self) -> nn.Module:

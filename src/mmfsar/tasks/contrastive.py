@@ -278,9 +278,7 @@ class ContrastivePretrainModule(NeighbourValidation, TrainingModule):
         self.last_keys = {m: k.detach() for m, k in keys.items()}
         self.enqueue(keys)
         loss = sum(terms.values())
-        bs = next(iter(views.values())).shape[0]
-        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, batch_size=bs)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        self.log_training(loss, batch_size=next(iter(views.values())).shape[0], terms=terms)
         return loss
 
 
@@ -382,7 +380,5 @@ class RelationalDistillModule(NeighbourValidation, DistillModule):
         db = DistillBatch(student=student, teachers=self.teacher_outputs(keys, parts), labels=labels)
         losses = {name: term(db) for name, term in self.terms.items()}
         loss = sum(term.weight * losses[name] for name, term in self.terms.items())
-        bs = labels.shape[0]
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        self.log_training(loss, batch_size=labels.shape[0], terms=losses)
         return loss

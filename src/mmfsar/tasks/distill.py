@@ -134,9 +134,7 @@ class DistillModule(TrainingModule):
         db = DistillBatch(student=student, teachers=teachers, labels=labels)
         losses = {name: term(db) for name, term in self.terms.items()}
         loss = sum(term.weight * losses[name] for name, term in self.terms.items())
-        bs = labels.shape[0]
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        self.log_training(loss, batch_size=labels.shape[0], terms=losses)
         return loss
 
     def validation_features(self, batch: dict[str, Any]) -> EncoderOutput:
@@ -239,10 +237,7 @@ class EpisodicDistillModule(EpisodicModule):
         )
         losses = {name: term(db) for name, term in self.terms.items()}
         loss = sum(term.weight * losses[name] for name, term in self.terms.items())
-        self.train_acc((student["kl"] + student["ce"]).detach(), target)
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=1)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=1)
-        self.log("train/acc", self.train_acc, batch_size=1)
+        self.log_training(loss, batch_size=1, terms=losses, accuracy=(student["kl"] + student["ce"], target))
         return loss
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -131,9 +130,7 @@ class EpisodicModule(TrainingModule):
         support, query, target = split_task(self.task_features(self.encode_training_task(batch["source"])), self.task)
         logits = self.classifier(support, query)[0]
         loss = F.cross_entropy(logits, target)
-        self.train_acc(logits.detach(), target)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=1)
-        self.log("train/acc", self.train_acc, batch_size=1)
+        self.log_training(loss, batch_size=1, accuracy=(logits, target))
         return loss
 
     def validation_features(self, batch: dict[str, Any]) -> EncoderOutput:

@@ -87,10 +87,7 @@ class FusionTeacherModule(TrainingModule):
         else:
             logits = self.teacher({m: src[m] for m in self.teacher.modalities}).logits
         loss = F.cross_entropy(logits, src["label"])
-        self.train_acc(logits.detach(), src["label"])
-        bs = logits.shape[0]
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
-        self.log("train/acc", self.train_acc, batch_size=bs)
+        self.log_training(loss, batch_size=logits.shape[0], accuracy=(logits, src["label"]))
         return loss
 
     def validation_features(self, batch: dict[str, Any]) -> EncoderOutput:

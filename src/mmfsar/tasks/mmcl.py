@@ -268,11 +268,7 @@ class MMCLModule(TrainingModule):
         loss = mmcl_loss(
             out.logits, refined, labels, align, refine_weight=self.refine_weight, align_weight=self.align_weight
         )
-        bs = labels.shape[0]
-        self.train_acc(out.logits.detach(), labels)
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
-        self.log("train/acc", self.train_acc, batch_size=bs)
+        self.log_training(loss, batch_size=labels.shape[0], terms=losses, accuracy=(out.logits, labels))
         return loss
 
     def validation_features(self, batch: dict[str, Any]) -> EncoderOutput:

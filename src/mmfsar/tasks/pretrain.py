@@ -12,7 +12,7 @@ statistics cover both domains.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -124,11 +124,7 @@ class PretrainModule(TrainingModule):
             + self.target_recon_weight * losses.get("recon_target", 0.0)
             + self.ce_weight * losses["ce"]
         )
-        self.train_acc(logits.detach(), src["label"])
-        bs = x.shape[0]
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
-        self.log("train/acc", self.train_acc, batch_size=bs)
+        self.log_training(loss, batch_size=x.shape[0], terms=losses, accuracy=(logits, src["label"]))
         return loss
 
     def validation_features(self, batch: dict[str, Any]) -> EncoderOutput:
