@@ -431,3 +431,64 @@ def test_trx_prototype_and_gram_forms_agree(monkeypatch):
         monkeypatch.setattr(_CrossTransformer, "PROTOTYPE_BUDGET", 0)  # force the Gram-matrix form
         gram = head(support, query)
     torch.testing.assert_close(direct, gram, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        TRX(dim=8, num_frames=4, proj_dim=6, cardinalities=(2, 3), shared_key_query=False),
+        TRX(dim=8, num_frames=4, proj_dim=6, combine="norm"),
+        OTAM(dim=8, num_frames=4, bidirectional=True),
+    ],
+    ids=["trx_2_3_own_query_map", "trx_norm", "otam_mean_distance"],
+)
+def test_the_pairwise_form_gives_the_episodes_direct_logits(head: EpisodeClassifier, monkeypatch):
+    """Heads whose logits factor into (query, support clip) terms are solved from a table of those
+    terms, one row per pair; the table is used (match is never called) and the probabilities
+    equal the direct form's, with two query views and shots drawn in any order."""
+    from mmfsar.fewshot import engine
+
+    torch.manual_seed(0)
+    head.eval()
+    with torch.no_grad():
+        for module in head.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+    bank = torch.randn(10, 2, 4, 8)
+    episodes = torch.stack([torch.randperm(10)[:9].view(3, 3) for _ in range(40)])  # 3-way 2-shot 1-query
+    direct_match = type(head).match
+    monkeypatch.setattr(engine, "PAIR_TABLE_BUDGET", 0)
+    direct = engine.episode_probabilities(head, bank, episodes, 2, chunk=16)
+    monkeypatch.setattr(engine, "PAIR_TABLE_BUDGET", 1 << 26)
+    monkeypatch.setattr(engine, "PAIR_BLOCK", 700)  # several table blocks, several gathers per chunk
+    monkeypatch.setattr(type(head), "match", lambda *a, **k: pytest.fail("the direct form ran"))
+    pairwise = engine.episode_probabilities(head, bank, episodes, 2, chunk=16)
+    torch.testing.assert_close(pairwise, direct, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(type(head), "match", direct_match)
+
+
+def test_trx_pair_table_holds_each_shots_prototype_and_its_attention_mass():
+    """One support clip's row: its tuples' values mixed by the softmax over its own tuples, and the
+    log of that softmax's normaliser; two shots combine by a softmax of the normalisers."""
+    torch.manual_seed(3)
+    head = TRX(dim=4, num_frames=3, proj_dim=5, cardinalities=(2,), position_encoding=False).eval()
+    ct = head.transformers[0]
+    clips = torch.randn(3, 3, 4)
+    with torch.no_grad():
+        rows = head.embed(clips)
+        table = head.pair_table(rows[:1], rows[1:])  # query 0, support clips 1 and 2
+        assert [tuple(t.shape) for t in table] == [(1, 2, 3, 6)]  # per tuple: a prototype of 5, a log-normaliser
+        tuples = list(itertools.combinations(range(3), 2))
+        pair = lambda c: [torch.cat([clips[c, t] for t in tup]) for tup in tuples]  # noqa: E731
+        query_keys = [ct.key_norm(ct.key(x)) for x in pair(0)]
+        for s in (1, 2):
+            keys = [ct.key_norm(ct.key(x)) for x in pair(s)]
+            values = torch.stack([ct.value(x) for x in pair(s)])
+            scores = torch.stack([torch.stack([q @ k for k in keys]) for q in query_keys]) / math.sqrt(5)
+            expected = torch.cat([torch.softmax(scores, -1) @ values, torch.logsumexp(scores, -1, keepdim=True)], -1)
+            torch.testing.assert_close(table[0][0, s - 1], expected, rtol=1e-5, atol=1e-6)
+        pairs = torch.tensor([0, 1]).view(1, 1, 1, 2)  # 1 episode, 1 query, 1 class of 2 shots
+        logits = head.match_pairs(table, pairs, rows[None, :1])
+        support = clips[None, None, 1:]
+        torch.testing.assert_close(logits, head(support, clips[None, :1]), rtol=1e-5, atol=1e-6)
+    assert OTAM(shots="mean_frames").pair_width() is None

@@ -20,7 +20,7 @@ import numbers
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -121,6 +121,28 @@ class EpisodeClassifier(nn.Module, ABC):
     @abstractmethod
     def match(self, support: Tensor, query: Tensor) -> Tensor:
         """Logits (E, Q, N) of embedded, checked support (E, N, K, R, d) and query (E, Q, R, d)."""
+
+    def pair_width(self) -> int | None:
+        """Floats per (query clip, support clip) pair of :meth:`pair_table`; None (the default):
+        the classifier has no pairwise form.
+
+        Why: when a query's logit for a class is a function of per-pair terms (OTAM averages its
+        distances to the K shots; TRX's attention over the K·P support tuples factors into one
+        softmax per shot and a softmax over shots), evaluation computes those terms once per clip
+        pair, not once per episode in which the pair meets: 10,000 five-shot episodes of 200 clips
+        use each pair about 30 times."""
+        return None
+
+    def pair_table(self, query: Tensor, support: Tensor) -> list[Tensor]:
+        """Embedded query clips (A, R, d) and support clips (B, R, d) -> what :meth:`match_pairs`
+        needs of each pair: tensors shaped (A, B, ...), pair_width() floats per pair in all."""
+        raise NotImplementedError(f"{type(self).__name__} has no pairwise form (pair_width() is None)")
+
+    def match_pairs(self, table: Sequence[Tensor], pairs: Tensor, query: Tensor) -> Tensor:
+        """Logits (E, Q, N), equal to :meth:`match`'s, of the episodes whose query and support
+        clips meet in ``pairs`` (E, Q, N, K): positions ``a·B + b`` of the pairs of :meth:`pair_table`
+        (its tensors flattened over (A, B)); the embedded queries ``query`` (E, Q, R, d)."""
+        raise NotImplementedError(f"{type(self).__name__} has no pairwise form (pair_width() is None)")
 
 
 def build_classifier(factory: Callable[..., EpisodeClassifier], *, dim: int, num_frames: int) -> EpisodeClassifier:

@@ -156,6 +156,9 @@ def episode_probabilities(
     (MM-CDFSL's ensemble masked inference). A classifier's per-clip part
     (:meth:`~mmfsar.fewshot.EpisodeClassifier.embed`) runs once per clip, then ``chunk`` episodes
     are matched per call (memory); ``progress`` is called with the number of episodes done after each.
+    A classifier with a pairwise form (:meth:`~mmfsar.fewshot.EpisodeClassifier.pair_width`: OTAM,
+    TRX) is solved from its table of (query, support clip) terms instead, built once when it fits
+    ``PAIR_TABLE_BUDGET``: the same logits, without recomputing a pair in every episode it meets.
     ``classes`` (E, N): each way's class position (``EpisodeSet.classes``), passed to the ``match`` of
     classifiers that declare ``needs_classes`` (CLIP-MDMF prompts with the episode's class texts).
     Returns (E, N, Q, N): episode, way of the query, query within the way, class probabilities.
@@ -178,18 +181,54 @@ def episode_probabilities(
             features = torch.cat([classifier.embed(part) for part in features.split(1024)])
         time, dim = features.shape[2:]
         support_bank = features[:, 0]
+        uses = total * n_way * n_query * views * n_way * k_shot
+        table = None if needs_classes else _pair_table(classifier, features.flatten(0, 1), support_bank, uses)
         match = getattr(classifier, "match", classifier)
         for start in range(0, total, chunk):
             block = episodes[start : start + chunk]
             e = block.shape[0]
-            support = support_bank.index_select(0, block[:, :, :k_shot].reshape(-1)).view(e, n_way, k_shot, time, dim)
-            query = features.index_select(0, block[:, :, k_shot:].reshape(-1)).view(e, -1, time, dim)
-            extra = {"classes": None if classes is None else classes[start : start + e]} if needs_classes else {}
-            probs = torch.softmax(match(support, query, **extra).float(), -1)
+            query_rows = (block[:, :, k_shot:, None] * views + torch.arange(views, device=block.device)).view(e, -1)
+            query = features.flatten(0, 1).index_select(0, query_rows.reshape(-1)).view(e, -1, time, dim)
+            if table is not None:
+                logits = _match_pairs(classifier, table, query_rows, block[:, :, :k_shot], query)
+            else:
+                support = support_bank.index_select(0, block[:, :, :k_shot].reshape(-1)).view(e, n_way, k_shot, time, dim)
+                extra = {"classes": None if classes is None else classes[start : start + e]} if needs_classes else {}
+                logits = match(support, query, **extra)
+            probs = torch.softmax(logits.float(), -1)
             out[start : start + e] = probs.view(e, n_way, n_query, views, n_way).mean(3)
             if progress is not None:
                 progress(e)
     return out
+
+
+PAIR_TABLE_BUDGET = 1 << 26  # floats (256 MB in float32): the largest (query, support clip) table evaluation builds
+PAIR_BLOCK = 1 << 23  # floats: the pairs of one pair_table call, the pair rows one match_pairs call reads
+
+
+def _pair_table(classifier: nn.Module, queries: Tensor, supports: Tensor, uses: int) -> list[Tensor] | None:
+    """The classifier's :meth:`~mmfsar.fewshot.EpisodeClassifier.pair_table` of every query row
+    (clip, view) with every support clip, when it has a pairwise form, the table fits
+    ``PAIR_TABLE_BUDGET`` and the episodes use its pairs at least twice on average; else None."""
+    width = classifier.pair_width() if hasattr(classifier, "pair_width") else None
+    if width is None:
+        return None
+    pairs = queries.shape[0] * supports.shape[0]
+    if pairs * width > PAIR_TABLE_BUDGET or uses < 2 * pairs:
+        return None
+    step = max(1, PAIR_BLOCK // (supports.shape[0] * width))
+    blocks = [classifier.pair_table(part, supports) for part in queries.split(step)]
+    return [torch.cat(parts) for parts in zip(*blocks)]
+
+
+def _match_pairs(classifier: nn.Module, table: list[Tensor], query_rows: Tensor, support_clips: Tensor, query: Tensor) -> Tensor:
+    """Logits (E, Q, N) of episodes with query rows (E, Q) and support clips (E, N, K), from the
+    pair ``table`` of every query row with every support clip, ``PAIR_BLOCK`` floats of pairs at a time."""
+    index = query_rows[:, :, None, None] * table[0].shape[1] + support_clips[:, None]  # (E, Q, N, K)
+    step = max(1, PAIR_BLOCK // (index[0].numel() * classifier.pair_width()))
+    return torch.cat(
+        [classifier.match_pairs(table, part, query[start : start + step]) for start, part in zip(range(0, len(index), step), index.split(step))]
+    )
 
 
 def solve_episodes(classifier: nn.Module, features: Tensor, episodes: Tensor, k_shot: int, **options: Any) -> Tensor:

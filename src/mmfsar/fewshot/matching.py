@@ -164,6 +164,10 @@ class OTAM(EpisodeClassifier):
     def match(self, support: Tensor, query: Tensor) -> Tensor:
         if self.shots == "mean_frames":
             support = support.mean(dim=2, keepdim=True)
+        return -self._distances(support, query).mean(dim=-1) / self.temperature
+
+    def _distances(self, support: Tensor, query: Tensor) -> Tensor:
+        """Alignment distances (E, Q, N, K) of each query to each support clip."""
         episodes, ways, shots, frames, dim = support.shape
         queries = query.shape[1]
         # cosines from raw dot products and norms: no normalised copy of the features
@@ -179,7 +183,22 @@ class OTAM(EpisodeClassifier):
         distance = otam_distance(cost, **options)  # (E, Q, N, K): query frames are the rows
         if self.bidirectional:
             distance = 0.5 * (distance + otam_distance(cost.transpose(-1, -2), **options))
-        return -distance.mean(dim=-1) / self.temperature
+        return distance
+
+    def pair_width(self) -> int | None:
+        """``"mean_distance"``: a class's logit is the mean of per-shot logits, one float per pair."""
+        return 1 if self.shots == "mean_distance" else None
+
+    def pair_table(self, query: Tensor, support: Tensor) -> list[Tensor]:
+        if self.pair_width() is None:
+            return super().pair_table(query, support)
+        # every support clip as a one-shot class of one episode holding all the queries
+        return [-self._distances(support[None, :, None], query[None])[0, :, :, 0] / self.temperature]
+
+    def match_pairs(self, table: Sequence[Tensor], pairs: Tensor, query: Tensor) -> Tensor:
+        if self.pair_width() is None:
+            return super().match_pairs(table, pairs, query)
+        return table[0].flatten()[pairs].mean(dim=-1)
 
     def extra_repr(self) -> str:
         return (
@@ -321,6 +340,42 @@ class _CrossTransformer(nn.Module):
         squared = prototype_sq - 2 * prototype_dot_query + query_sq
         return squared.sum(dim=2).clamp_min(0) / tuples  # the reference divides by the number of tuples
 
+    @property
+    def pair_width(self) -> int:
+        """Floats of :meth:`pair_table` per (query, support clip) pair: per tuple, a prototype and a log-normaliser."""
+        return self.tuples.shape[0] * (self.proj_dim + 1)
+
+    def pair_table(self, query: Tensor, support: Tensor) -> Tensor:
+        """Embedded query clips (A, rows, d), support clips (B, rows, d) -> (A, B, P, d + 1).
+
+        The attention of query tuple p over a class's K·P support tuples factors by shot: with
+        ℓ_kp = logsumexp_j(score_kpj) and u_kp = Σ_j softmax_j(score_kpj)·Λs_kj (the prototype shot k
+        alone would give), the class prototype is t_p = Σ_k softmax_k(ℓ_kp)·u_kp. Per pair and
+        query tuple: [u_p, ℓ_p]."""
+        tuples, d, slots = self.tuples.shape[0], self.proj_dim, self.selection.shape[1]
+        support_keys = support[:, :tuples]
+        query_keys = query[:, :tuples] if self.query is None else query[:, tuples : 2 * tuples]
+        scores = torch.einsum("apd,bjd->abpj", query_keys, support_keys) / math.sqrt(d)  # (A, B, P, P)
+        normaliser = torch.logsumexp(scores, dim=-1, keepdim=True)
+        values = self._tuple_rows(support[:, -slots:])  # (B, P, d): Λs
+        prototypes = torch.einsum("abpj,bjd->abpd", torch.exp(scores - normaliser), values)
+        return torch.cat([prototypes, normaliser], dim=-1)
+
+    def pair_distances(self, table: Tensor, pairs: Tensor, query: Tensor) -> Tensor:
+        """Distances (E, Q, N), equal to :meth:`forward`'s, from this transformer's
+        :meth:`pair_table` (A, B, P, d + 1), the pair positions (E, Q, N, K) and the embedded
+        queries (E, Q, rows, d). The shot mixture is one fused gather and weighted sum
+        (``embedding_bag``): the (E, Q, N, K, P, d) rows are never copied out of the table."""
+        tuples, d, slots = self.tuples.shape[0], self.proj_dim, self.selection.shape[1]
+        rows = table.reshape(-1, d + 1)  # one row per (pair, query tuple)
+        weights = torch.softmax(rows[:, d].view(-1, tuples)[pairs], dim=3)  # (E, Q, N, K, P): over shots
+        bags = (pairs.unsqueeze(-1) * tuples + torch.arange(tuples, device=pairs.device)).transpose(-1, -2)
+        prototype = F.embedding_bag(
+            bags.reshape(-1, pairs.shape[-1]), rows, per_sample_weights=weights.transpose(-1, -2).reshape(-1, pairs.shape[-1]), mode="sum"
+        )[:, :d].view(*pairs.shape[:-1], tuples, d)  # (E, Q, N, P, d)
+        query_values = self._tuple_rows(query[..., -slots:, :])  # (E, Q, P, d)
+        return (prototype - query_values.unsqueeze(2)).square().sum((-1, -2)) / tuples
+
 
 class TRX(EpisodeClassifier):
     """Temporal-Relational CrossTransformers (Perrett et al., CVPR 2021), as Lite-MKD's teacher and
@@ -400,12 +455,32 @@ class TRX(EpisodeClassifier):
         if clips.shape[-2:] != (self.num_frames, self.dim):
             raise ValueError(f"TRX was built for clips ({self.num_frames}, {self.dim}), got {tuple(clips.shape)}")
 
+    def _row_slices(self) -> list[slice]:
+        """Each CrossTransformer's rows of an embedded clip."""
+        ends = list(itertools.accumulate(transformer.rows for transformer in self.transformers))
+        return [slice(end - transformer.rows, end) for transformer, end in zip(self.transformers, ends)]
+
     def match(self, support: Tensor, query: Tensor) -> Tensor:
-        distances, start = [], 0
-        for transformer in self.transformers:
-            rows = slice(start, start + transformer.rows)
-            distances.append(transformer(support[..., rows, :], query[..., rows, :]))
-            start += transformer.rows
+        return self._combine(
+            [t(support[..., rows, :], query[..., rows, :]) for t, rows in zip(self.transformers, self._row_slices())]
+        )
+
+    def pair_width(self) -> int:
+        return sum(transformer.pair_width for transformer in self.transformers)
+
+    def pair_table(self, query: Tensor, support: Tensor) -> list[Tensor]:
+        return [t.pair_table(query[:, rows], support[:, rows]) for t, rows in zip(self.transformers, self._row_slices())]
+
+    def match_pairs(self, table: Sequence[Tensor], pairs: Tensor, query: Tensor) -> Tensor:
+        return self._combine(
+            [
+                t.pair_distances(part, pairs, query[..., rows, :])
+                for t, part, rows in zip(self.transformers, table, self._row_slices())
+            ]
+        )
+
+    def _combine(self, distances: list[Tensor]) -> Tensor:
+        """The cardinalities' distances (E, Q, N) each -> logits."""
         distances = torch.stack(distances, dim=-1)
         if self.combine == "sum":
             return -distances.sum(dim=-1)
