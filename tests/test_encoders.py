@@ -379,3 +379,26 @@ def test_spatial_partition_adjacency():
     )  # a tree has no same-distance neighbours
     assert centripetal[neck, head] > 0 and centrifugal[head, neck] > 0  # the neck is the centre
     assert centripetal[pelvis, left_hip] > 0 and centripetal[left_hip, pelvis] == 0
+
+
+def test_conv3d_instance_normalised_input_ignores_each_clips_colour_and_contrast():
+    """``instance_norm_input``: a per-clip, per-channel affine change of the pixels (another palette,
+    brightness, contrast) leaves the features unchanged; without it they change. Two clips in one
+    batch: each is standardised by its own statistics (batch norm in eval mode adds nothing shared)."""
+    from mmfsar.models.encoders import Conv3DEncoder
+
+    torch.manual_seed(0)
+    clips = torch.rand(2, 3, 8, 32, 32)
+    scale = torch.tensor([[0.5, 1.7, 0.9], [1.3, 0.4, 2.0]]).view(2, 3, 1, 1, 1)
+    shift = torch.tensor([[0.2, -0.1, 0.3], [-0.3, 0.25, 0.0]]).view(2, 3, 1, 1, 1)
+    recoloured = clips * scale + shift
+    for normalised in (True, False):
+        encoder = Conv3DEncoder(in_channels=3, num_frames=8, img_size=32, widths=(8, 16), temporal_strides=(1, 2),
+                                stem_temporal_kernel=3, instance_norm_input=normalised).eval()
+        with torch.no_grad():
+            a, b = encoder.encode(clips), encoder.encode(recoloured)
+        assert a.frames.shape == (2, 4, 16)
+        if normalised:
+            torch.testing.assert_close(a.frames, b.frames, rtol=1e-4, atol=1e-5)
+        else:
+            assert (a.frames - b.frames).abs().max() > 1e-2

@@ -28,6 +28,10 @@ class Conv3DEncoder(UnmaskedBackbone):
         stem_temporal_kernel: temporal extent of the first block's kernel (odd). 1: the first block
             sees single frames; 3: it compares neighbouring frames at the input resolution, where
             thin moving limbs are still resolved (RGB: motion must be computed from the frames).
+        instance_norm_input: standardise each clip's channels over time and space before the first
+            block (instance normalisation without parameters, as IBN-Net / style-transfer networks
+            use it to remove appearance): a clip's overall colour and contrast, which is what
+            changes most between visual domains, no longer reaches the network.
     """
 
     def __init__(
@@ -39,6 +43,7 @@ class Conv3DEncoder(UnmaskedBackbone):
         widths: Sequence[int] = (32, 64, 128, 128),
         temporal_strides: Sequence[int] = (1, 1, 2, 2),
         stem_temporal_kernel: int = 1,
+        instance_norm_input: bool = False,
     ) -> None:
         super().__init__()
         if len(widths) != len(temporal_strides):
@@ -54,6 +59,8 @@ class Conv3DEncoder(UnmaskedBackbone):
             pad = tuple(x // 2 for x in k)
             blocks += [nn.Conv3d(c, w, k, (st, 2, 2), pad, bias=False), nn.BatchNorm3d(w), nn.ReLU(inplace=True)]
             c = w
+        if instance_norm_input:
+            blocks.insert(0, nn.InstanceNorm3d(in_channels, affine=False))
         self.net = nn.Sequential(*blocks)
         self.feature_dim = c
 
