@@ -4,7 +4,8 @@ A composition of the three entry points, nothing else: every stage below is one 
 that can be copied and changed with overrides.
 
 1. generate (or reuse) the synthetic dataset;
-2. pretrain one encoder per modality (rgb, flow, pose) with the tiny MM-CDFSL recipe;
+2. pretrain one encoder per modality (rgb, flow, pose) with the tiny MM-CDFSL recipe; the three
+   together are MM-CDFSL's multimodal teacher (one export, features normalised and concatenated);
 3. train Lite-MKD's teacher: the MFM fusion of the frozen encoders with a TRX head, on tasks;
 4. distil an RGB student with the MM-CDFSL recipe and one with the Lite-MKD recipe (on tasks);
 5. evaluate every model on the same saved episodes of the target domain's novel classes, 5-way
@@ -51,6 +52,7 @@ MODELS = {
     "rgb": ("RGB only (baseline)", "logreg"),
     "flow": ("flow only", "logreg"),
     "pose": ("pose only", "logreg"),
+    "teachers": ("multimodal teacher (MM-CDFSL: the three encoders)", "logreg"),
     "fusion": ("multimodal teacher (Lite-MKD: MFM + TRX)", "head"),
     "student_mm_cdfsl": ("RGB student, MM-CDFSL", "logreg"),
     "student_lite_mkd": ("RGB student, Lite-MKD", "head"),
@@ -127,6 +129,11 @@ class Demo:
                 ["lit_main_pretrain.py", "experiment=mm_cdfsl_tiny/pretrain", f"modality={m}", f"hydra.run.dir={out / m}", *common],
                 produces=encoder(m),
             )
+        self.run(  # MM-CDFSL's teachers as one model: t = normalize(concat of the normalised encoders' features)
+            f"combine MM-CDFSL teachers{tag}",
+            ["-m", "mmfsar.models.multistream", str(encoder("teachers")), *(f"{m}={encoder(m)}" for m in MODALITIES)],
+            produces=encoder("teachers"),
+        )
         self.run(
             f"Lite-MKD teacher{tag}",
             [

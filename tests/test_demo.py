@@ -17,6 +17,7 @@ MODELS = [
     "RGB only (baseline)",
     "flow only",
     "pose only",
+    "multimodal teacher (MM-CDFSL: the three encoders)",
     "multimodal teacher (Lite-MKD: MFM + TRX)",
     "RGB student, MM-CDFSL",
     "RGB student, Lite-MKD",
