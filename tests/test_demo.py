@@ -60,7 +60,7 @@ def test_demo_pipeline_reduced(tmp_path):
     assert all(m in table for m in MODELS)
     assert (out / "results.png").stat().st_size > 0
     timings = json.loads((out / "timings.json").read_text())
-    stages = ["generate data", "pretrain rgb", "pretrain flow", "pretrain pose", "Lite-MKD teacher"]
+    stages = ["generate data", "pretrain rgb", "pretrain flow", "pretrain pose", "combine MM-CDFSL teachers", "Lite-MKD teacher"]
     stages += ["distill MM-CDFSL", "distill Lite-MKD"]
     stages += [f"evaluate 5-way {k}-shot, {kind}" for k in (1, 5) for kind in ("logreg", "head")] + ["total"]
     assert list(timings) == stages and all(v > 0 for v in timings.values())
