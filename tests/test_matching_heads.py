@@ -456,7 +456,6 @@ def test_the_pairwise_form_gives_the_episodes_direct_logits(head: EpisodeClassif
                 module.weight.uniform_(0.5, 1.5)
     bank = torch.randn(10, 2, 4, 8)
     episodes = torch.stack([torch.randperm(10)[:9].view(3, 3) for _ in range(40)])  # 3-way 2-shot 1-query
-    direct_match = type(head).match
     monkeypatch.setattr(engine, "PAIR_TABLE_BUDGET", 0)
     direct = engine.episode_probabilities(head, bank, episodes, 2, chunk=16)
     monkeypatch.setattr(engine, "PAIR_TABLE_BUDGET", 1 << 26)
@@ -464,7 +463,6 @@ def test_the_pairwise_form_gives_the_episodes_direct_logits(head: EpisodeClassif
     monkeypatch.setattr(type(head), "match", lambda *a, **k: pytest.fail("the direct form ran"))
     pairwise = engine.episode_probabilities(head, bank, episodes, 2, chunk=16)
     torch.testing.assert_close(pairwise, direct, rtol=1e-5, atol=1e-6)
-    monkeypatch.setattr(type(head), "match", direct_match)
 
 
 def test_trx_pair_table_holds_each_shots_prototype_and_its_attention_mass():

@@ -180,15 +180,15 @@ def episode_probabilities(
             classifier.check(features[None, :1, None, 0], features[None, :1, 0])
             features = torch.cat([classifier.embed(part) for part in features.split(1024)])
         time, dim = features.shape[2:]
-        support_bank = features[:, 0]
+        support_bank, query_bank = features[:, 0], features.flatten(0, 1)  # query rows: clip · views + view
         uses = total * n_way * n_query * views * n_way * k_shot
-        table = None if needs_classes else _pair_table(classifier, features.flatten(0, 1), support_bank, uses)
+        table = None if needs_classes else _pair_table(classifier, query_bank, support_bank, uses)
         match = getattr(classifier, "match", classifier)
         for start in range(0, total, chunk):
             block = episodes[start : start + chunk]
             e = block.shape[0]
             query_rows = (block[:, :, k_shot:, None] * views + torch.arange(views, device=block.device)).view(e, -1)
-            query = features.flatten(0, 1).index_select(0, query_rows.reshape(-1)).view(e, -1, time, dim)
+            query = query_bank.index_select(0, query_rows.reshape(-1)).view(e, -1, time, dim)
             if table is not None:
                 logits = _match_pairs(classifier, table, query_rows, block[:, :, :k_shot], query)
             else:

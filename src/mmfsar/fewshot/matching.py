@@ -340,7 +340,6 @@ class _CrossTransformer(nn.Module):
         squared = prototype_sq - 2 * prototype_dot_query + query_sq
         return squared.sum(dim=2).clamp_min(0) / tuples  # the reference divides by the number of tuples
 
-    @property
     def pair_width(self) -> int:
         """Floats of :meth:`pair_table` per (query, support clip) pair: per tuple, a prototype and a log-normaliser."""
         return self.tuples.shape[0] * (self.proj_dim + 1)
@@ -466,7 +465,7 @@ class TRX(EpisodeClassifier):
         )
 
     def pair_width(self) -> int:
-        return sum(transformer.pair_width for transformer in self.transformers)
+        return sum(transformer.pair_width() for transformer in self.transformers)
 
     def pair_table(self, query: Tensor, support: Tensor) -> list[Tensor]:
         return [t.pair_table(query[:, rows], support[:, rows]) for t, rows in zip(self.transformers, self._row_slices())]
