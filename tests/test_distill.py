@@ -216,13 +216,14 @@ def compose_distill(overrides: list[str], out_dir: Path):
         return compose(config_name="distill", overrides=[*overrides, f"paths.output_dir={out_dir}", f"paths.log_dir={out_dir}"])
 
 
-@pytest.mark.parametrize("recipe", ["mm_cdfsl", "lite_mkd"])
+@pytest.mark.parametrize("recipe", ["mm_cdfsl", "lite_mkd", "lite_mkd_target"])
 def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_dataset, tmp_path):
     """A short distillation (3 steps, the module and trainer built from the composed config as
     ``pipelines.train`` builds them): every teacher tensor (weights and BatchNorm statistics)
     equals its exported file bit for bit, no teacher parameter has a gradient or is in the
     optimiser or the checkpoint, every teacher module is in eval mode, and the student and the
-    loss terms' heads did change."""
+    loss terms' heads did change. ``lite_mkd_target`` adds unlabelled target clips (one batch per
+    task) and the feature term on them."""
     from mmfsar.data.modalities import build_modalities
 
     if recipe == "mm_cdfsl":
@@ -239,6 +240,7 @@ def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_
             f"model.init_from={pretrained.runs['rgb'] / 'encoder.pt'}",
             *LITE_TASKS,
             "model.episodes.episodes=3",
+            *(["distill=lite_mkd_target"] if recipe == "lite_mkd_target" else []),
         ]
     cfg = compose_distill(
         [
@@ -262,6 +264,8 @@ def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_
     trainer = instantiate(cfg.trainer, callbacks=[], logger=False)
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3
+    if recipe != "mm_cdfsl":
+        assert ("feature" in module.terms) == (recipe == "lite_mkd_target") == ("target" in datamodule.train_sets)
 
     models = module.frozen_models()
     assert sorted(models) == sorted(teachers)
@@ -277,11 +281,11 @@ def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_
             assert id(p) not in optimised, f"teacher {name!r} parameter {pname} is in the optimiser"
         training = [n for n, m in teacher.named_modules() if m.training]
         assert not training, f"teacher {name!r} modules in train mode: {training[:5]}"
-    if recipe == "lite_mkd":
+    if recipe != "mm_cdfsl":
         assert any("running_mean" in k for k in exported), "the fusion teacher should carry BatchNorm statistics"
     saved = {k.split(".")[0] for k in module.state_dict()}
     assert saved == ({"student", "terms"} if recipe == "mm_cdfsl" else {"encoder", "classifier"})
-    if recipe == "lite_mkd":
+    if recipe != "mm_cdfsl":
         teacher_head = module._teacher_heads["teacher"]
         exported_head = load_export(fusion)["classifier"]["state_dict"]
         assert all(torch.equal(v, exported_head[k]) for k, v in teacher_head.state_dict().items()), "the teacher's head changed"
@@ -293,6 +297,31 @@ def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_
     if recipe == "mm_cdfsl":  # started from the RGB pretraining (without its head)
         init = load_export(sweep.encoder("rgb"))["state_dict"]
         assert all(torch.equal(v, init[k]) for k, v in student_before.items())
+
+
+def test_target_clips_and_the_terms_that_use_them_come_together(lite_mkd_pretrained, episode_dataset, tmp_path):
+    """Unlabelled target clips no term uses, or a term that needs them without them: a
+    ConfigError naming the keys, before training."""
+    from mmfsar.data.modalities import build_modalities
+    from mmfsar.errors import ConfigError
+
+    base = [
+        "experiment=lite_mkd_tiny/distill",
+        f"model.teacher={lite_mkd_pretrained.fusion / 'encoder.pt'}",
+        f"model.init_from={lite_mkd_pretrained.runs['rgb'] / 'encoder.pt'}",
+        *LITE_TASKS,
+        *[o for o in tiny(episode_dataset, batches=3) if not o.startswith("callbacks.")],
+    ]
+    for extra, message in (
+        (["distill.unlabelled_target=true"], "no term in model.losses uses target clips"),
+        (["distill=lite_mkd_target", "distill.unlabelled_target=false"], r"\['feature'\] use unlabelled target clips"),
+    ):
+        cfg = compose_distill([*base, *extra], tmp_path)
+        module_cls = get_class(cfg.model._target_)
+        datamodule = instantiate(cfg.data, modalities=build_modalities(module_cls.modality_configs(cfg.model, cfg.modalities)))
+        datamodule.setup("fit")
+        with pytest.raises(ConfigError, match=message):
+            module_cls.build(cfg.model, datamodule)
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step outside a Trainer

@@ -22,10 +22,12 @@ pytest_plugins = ["conftest_training"]
 TASK = {"n_way": 3, "k_shot": 2, "n_query": 2, "episodes": 12, "seed": 7}
 
 
-def task_data(root: Path, make_modalities, **task) -> PretrainDataModule:
+def task_data(root: Path, make_modalities, *, labelled_source: bool = True, unlabelled_target: bool = False, **task) -> PretrainDataModule:
     dm = PretrainDataModule(
         root=root,
         modalities=make_modalities("flow"),
+        labelled_source=labelled_source,
+        unlabelled_target=unlabelled_target,
         train_episodes={**TASK, **task},
         val_episodes={"n_way": 5, "k_shot": 1, "n_query": 5, "episodes": 4},
         num_workers=0,
@@ -51,6 +53,22 @@ def test_tasks_never_mix_classes_and_follow_the_layout(episode_dataset, make_mod
     support, query, target = split_task(tasks[0]["flow"], EpisodeSettings(**TASK))
     assert support.shape[:3] == (1, 3, 2) and query.shape[:2] == (1, 6) and target.tolist() == [0, 0, 1, 1, 2, 2]
     assert torch.equal(query[0, 0], tasks[0]["flow"][2]) and torch.equal(support[0, 1, 0], tasks[0]["flow"][4])
+
+
+def test_episodic_training_with_unlabelled_target_clips(episode_dataset, make_modalities):
+    """``unlabelled_target``: each task comes with a batch of unlabelled target-domain base
+    clips (label -1); without labelled source clips there are no tasks, a clear error."""
+    from mmfsar.errors import ConfigError
+
+    dm = task_data(episode_dataset, make_modalities, unlabelled_target=True)
+    loaders = dm.train_dataloader()
+    assert sorted(loaders) == ["source", "target"]
+    domain = {r.clip_id: r.domain for r in dm.train_sets["target"].records}
+    clips = next(iter(loaders["target"]))
+    assert set(clips["label"].tolist()) == {-1} and {domain[c] for c in clips["clip_id"]} == {"target"}
+    assert {r.split for r in dm.train_sets["target"].records} == {"base"}
+    with pytest.raises(ConfigError, match="labelled_source=true"):
+        task_data(episode_dataset, make_modalities, labelled_source=False, unlabelled_target=True)
 
 
 def test_tasks_depend_on_seed_epoch_and_number_only(episode_dataset, make_modalities):

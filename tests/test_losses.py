@@ -396,6 +396,24 @@ def test_episode_kd_relation_and_ce_by_hand():
     assert EpisodeCE()(batch).item() == pytest.approx(expected_ce, rel=1e-6)
 
 
+def test_episode_feature_mse_by_hand_and_only_with_target_clips():
+    from mmfsar.losses.distill import EpisodeFeatureMSE
+
+    batch = _episode_batch([[0.0, 0.0]], [[0.0, 0.0]], [[[[0.0]]], [[[0.0]]]], [[0.0, 0.0]], [[[[0.0]]], [[[0.0]]]], [0])
+    term = EpisodeFeatureMSE(weight=0.5)
+    assert term.uses_unlabelled_target and term.weight == 0.5
+    with pytest.raises(ValueError, match="distill.unlabelled_target=true"):
+        term(batch)
+    # 2 clips, 2 frames, 2 dims: squared differences 1, 0, 4, 0 | 0, 9, 0, 0 -> 14 / 8
+    batch.unlabelled_student = torch.tensor([[[1.0, 0.0], [2.0, 0.0]], [[0.0, 3.0], [0.0, 0.0]]], requires_grad=True)
+    batch.unlabelled_teacher = torch.zeros(2, 2, 2, requires_grad=True)
+    loss = term(batch)
+    assert loss.item() == pytest.approx(14 / 8)
+    loss.backward()
+    assert batch.unlabelled_teacher.grad is None  # the teacher's side is detached
+    assert torch.allclose(batch.unlabelled_student.grad, 2 * batch.unlabelled_student.detach() / 8)
+
+
 def test_two_branch_head_infers_with_the_sum_of_its_branches():
     from mmfsar.fewshot import PrototypeClassifier
     from mmfsar.fewshot.matching import TwoBranchHead
@@ -413,3 +431,4 @@ def test_two_branch_head_infers_with_the_sum_of_its_branches():
     assert branches["kl"].tolist() == [[[-1.0, -1.0]]] and branches["ce"].tolist() == [[[-4.0, -4.0]]]
     assert torch.equal(head(support, query), branches["kl"] + branches["ce"])
     assert branches["support_ce"].shape == (1, 2, 1, 3, 2) and torch.equal(branches["support_ce"], 2 * support)
+    assert torch.equal(head.teacher_space(support), support)  # h1: the kl branch's input

@@ -165,7 +165,8 @@ class TrainingDataModule(ClipDataModule):
             sharded over DDP ranks by task; None: batches of clips.
 
     The train loader yields ``{"source": batch, "target": batch}`` (whichever are enabled,
-    cycling the shorter one).
+    cycling the shorter one). In episodic training ``"source"`` is one task and ``"target"`` (with
+    ``unlabelled_target``) a batch of unlabelled target clips.
     """
 
     def __init__(
@@ -179,9 +180,9 @@ class TrainingDataModule(ClipDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if train_episodes is not None and (unlabelled_target or not labelled_source):
+        if train_episodes is not None and not labelled_source:
             raise ConfigError("episodic training (model.episodes) draws tasks from labelled source clips: "
-                              "set data.labelled_source=true and data.unlabelled_target=false")  # fmt: skip
+                              "set data.labelled_source=true")  # fmt: skip
         if not (labelled_source or unlabelled_target):
             raise ConfigError("data: enable labelled_source and/or unlabelled_target, or there is nothing to train on")
         self.labelled_source = labelled_source
@@ -285,7 +286,10 @@ class TrainingDataModule(ClipDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=self._pinned(),
         )
-        return {"source": loader}
+        loaders = {"source": loader}
+        if "target" in self.train_sets:
+            loaders["target"] = self._loader(self.train_sets["target"], train=True)
+        return loaders
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)

@@ -525,6 +525,11 @@ class TwoBranchHead(EpisodeClassifier):
             "support_ce": support_ce,
         }
 
+    def teacher_space(self, features: Tensor) -> Tensor:
+        """h1: the student's (per-frame) features in the teacher's feature space, as the ``kl``
+        branch scores them."""
+        return self.h1(features)
+
     def match(self, support: Tensor, query: Tensor) -> Tensor:
         out = self.branches(support, query)
         return out["kl"] + out["ce"]

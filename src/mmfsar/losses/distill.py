@@ -41,6 +41,7 @@ __all__ = [
     "EpisodeKD",
     "EpisodeRelation",
     "EpisodeTerm",
+    "EpisodeFeatureMSE",
     "translation_mse",
     "logit_kd",
     "relation_matrix",
@@ -478,17 +479,25 @@ class EpisodeDistillBatch:
     teacher_logits: the frozen teacher's query logits (Q, N) (its own matching head).
     teacher_support: the teacher's support features (N, K, T, D_t).
     target: each query's way (Q,).
+    unlabelled_student / unlabelled_teacher: with ``distill.unlabelled_target``, a batch of
+        unlabelled target-domain clips: the student's features in the teacher's space
+        (``TwoBranchHead.teacher_space``, h1) and the teacher's features, (B, T, D_t) each.
     """
 
     student_logits: dict[str, Tensor]
     teacher_logits: Tensor
     teacher_support: Tensor
     target: Tensor
+    unlabelled_student: Tensor | None = None
+    unlabelled_teacher: Tensor | None = None
 
 
 class EpisodeTerm(nn.Module):
     """Base of the episodic distillation terms: keeps the weight the module multiplies with;
-    ``forward(batch: EpisodeDistillBatch) -> unweighted scalar``."""
+    ``forward(batch: EpisodeDistillBatch) -> unweighted scalar``. A term with
+    ``uses_unlabelled_target`` needs the batch's unlabelled target clips."""
+
+    uses_unlabelled_target = False
 
     def __init__(self, *, weight: float = 1.0) -> None:
         super().__init__()
@@ -525,6 +534,22 @@ class EpisodeRelation(EpisodeTerm):
         teacher = batch.teacher_support.detach().float().mean(1)
         tau = float(self.tau if self.tau is not None else student.shape[1])
         return relation_loss(student.flatten(1), teacher.flatten(1), tau)
+
+
+class EpisodeFeatureMSE(EpisodeTerm):
+    """A cross-domain addition to Lite-MKD (not in the paper, which trains within one domain): on
+    unlabelled target-domain clips, the student's per-frame features in the teacher's space (h1,
+    the input of its ``kl`` branch) regress the teacher's, MSE averaged over clips, frames and dims.
+    The query KD teaches h1 → head to reproduce the teacher's logits on source tasks; this makes
+    h1 reproduce the teacher's features where there are no labels, so the head sees on the
+    target domain what it learnt to score (MM-CDFSL's translation loss, aimed at h1)."""
+
+    uses_unlabelled_target = True
+
+    def forward(self, batch: EpisodeDistillBatch) -> Tensor:
+        if batch.unlabelled_student is None or batch.unlabelled_teacher is None:
+            raise ValueError("EpisodeFeatureMSE needs unlabelled target clips: set distill.unlabelled_target=true")
+        return F.mse_loss(batch.unlabelled_student.float(), batch.unlabelled_teacher.detach().float())
 
 
 class EpisodeCE(EpisodeTerm):

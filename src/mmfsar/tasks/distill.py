@@ -154,6 +154,9 @@ class EpisodicDistillModule(EpisodicModule):
     teacher (an export that carries its matching head, e.g. ``model=episodic_fusion``'s MFM + TRX):
     the teacher's query logits (KD), its support-prototype relations and the labels (episode
     terms, ``distill=lite_mkd``). Inference: ``z_kl + z_ce``; the export carries the head.
+    With ``distill.unlabelled_target`` (``distill=lite_mkd_target``) each task comes with a batch
+    of unlabelled target-domain clips, encoded in the same pass, whose terms compare the
+    student's h1 features with the teacher's (a cross-domain addition; Lite-MKD has one domain).
 
     The teacher and its head are held outside the module tree (no optimiser, checkpoint or DDP
     wrapper sees them), in ``eval()`` under ``inference_mode``; with ``cache=frozen`` the teacher's
@@ -200,6 +203,15 @@ class EpisodicDistillModule(EpisodicModule):
         student, student_cfg = _student(cfg, datamodule)
         head_cfg = {**plain_config(cfg.classifier), "out_dim": int(teacher.feature_dim)}
         classifier, classifier_cfg = classifier_for(head_cfg, student, datamodule.val_set[0])
+        terms = {name: instantiate(term) for name, term in (cfg.losses or {}).items() if term is not None}
+        wanting = sorted(name for name, term in terms.items() if getattr(term, "uses_unlabelled_target", False))
+        if bool(wanting) != ("target" in datamodule.train_sets):
+            raise ConfigError(
+                f"model.losses {wanting} use unlabelled target clips: set distill.unlabelled_target=true"
+                if wanting
+                else "distill.unlabelled_target=true, but no term in model.losses uses target clips "
+                "(e.g. loss@model.losses.feature: episode_feature_mse)"
+            )
         return cls(
             encoder=student,
             encoder_config=student_cfg,
@@ -209,7 +221,7 @@ class EpisodicDistillModule(EpisodicModule):
             optim=instantiate(cfg.optim),
             teacher=teacher,
             teacher_classifier=teacher_classifier,
-            terms={name: instantiate(term) for name, term in (cfg.losses or {}).items() if term is not None},
+            terms=terms,
         )
 
     def frozen_models(self) -> dict[str, nn.Module]:
@@ -220,25 +232,35 @@ class EpisodicDistillModule(EpisodicModule):
         self._teacher_heads["teacher"].to(self.device)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        task = batch["source"]
-        support, query, target = split_task(self.task_features(self.encode_training_task(task)), self.task)
+        task, clips = batch["source"], batch.get("target")
+        parts = [task] if clips is None else [task, clips]
+        encoded = self.encoder({m: torch.cat([p[m] for p in parts]) for m in self.encoder.modalities})
+        features = self.task_features(encoded)
+        n_task = self.task.n_way * (self.task.k_shot + self.task.n_query)
+        support, query, target = split_task(features[:n_task], self.task)
         student = {k: v[0] for k, v in self.classifier.branches(support, query).items()}
-        if self.frozen_cache is not None:
-            out = self.frozen_cache.lookup("source", task, self.device)["teacher"]
-        else:
-            out = frozen_module_outputs(self._teachers, {m: task[m] for m in self._teachers["teacher"].modalities})["teacher"]
-        teacher_head = self._teacher_heads["teacher"]
-        teacher_frames = out.frames if teacher_head.uses_frames else out.pooled[:, None]
-        t_support, t_query, _ = split_task(teacher_frames, self.task)
+        teacher_frames = [self._teacher_features(key, part) for key, part in zip(("source", "target"), parts)]
+        t_support, t_query, _ = split_task(teacher_frames[0], self.task)
         with torch.inference_mode():
-            teacher_logits = teacher_head.eval()(t_support, t_query)[0]
+            teacher_logits = self._teacher_heads["teacher"].eval()(t_support, t_query)[0]
+        unlabelled = {}
+        if clips is not None:
+            unlabelled = {"unlabelled_student": self.classifier.teacher_space(features[n_task:]), "unlabelled_teacher": teacher_frames[1]}
         db = EpisodeDistillBatch(
-            student_logits=student, teacher_logits=teacher_logits.clone(), teacher_support=t_support[0], target=target
+            student_logits=student, teacher_logits=teacher_logits.clone(), teacher_support=t_support[0], target=target, **unlabelled
         )
         losses = {name: term(db) for name, term in self.terms.items()}
         loss = sum(term.weight * losses[name] for name, term in self.terms.items())
         self.log_training(loss, batch_size=1, terms=losses, accuracy=(student["kl"] + student["ce"], target))
         return loss
+
+    def _teacher_features(self, key: str, clips: dict[str, Any]) -> torch.Tensor:
+        """The frozen teacher's features of a batch of clips, as its head takes them: (B, T, D)."""
+        if self.frozen_cache is not None:
+            out = self.frozen_cache.lookup(key, clips, self.device)["teacher"]
+        else:
+            out = frozen_module_outputs(self._teachers, {m: clips[m] for m in self._teachers["teacher"].modalities})["teacher"]
+        return out.frames if self._teacher_heads["teacher"].uses_frames else out.pooled[:, None]
 
 
 def _student(cfg: DictConfig, datamodule: Any) -> tuple[nn.Module, dict[str, Any]]:
