@@ -210,7 +210,7 @@ class EpisodicDistillModule(EpisodicModule):
                 f"model.losses {wanting} use unlabelled target clips: set distill.unlabelled_target=true"
                 if wanting
                 else "distill.unlabelled_target=true, but no term in model.losses uses target clips "
-                "(e.g. loss@model.losses.feature: episode_feature_mse)"
+                "(distill=lite_mkd_target, or distill/loss@distill.losses.feature=episode_feature_mse)"
             )
         return cls(
             encoder=student,
