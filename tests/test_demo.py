@@ -20,7 +20,8 @@ MODELS = [
     "multimodal teacher (MM-CDFSL: the three encoders)",
     "multimodal teacher (Lite-MKD: MFM + TRX)",
     "RGB student, MM-CDFSL",
-    "RGB student, Lite-MKD",
+    "RGB student, Lite-MKD (its head)",
+    "RGB student, Lite-MKD (its encoder)",
 ]
 
 

@@ -216,14 +216,15 @@ def compose_distill(overrides: list[str], out_dir: Path):
         return compose(config_name="distill", overrides=[*overrides, f"paths.output_dir={out_dir}", f"paths.log_dir={out_dir}"])
 
 
-@pytest.mark.parametrize("recipe", ["mm_cdfsl", "lite_mkd", "lite_mkd_target"])
+@pytest.mark.parametrize("recipe", ["mm_cdfsl", "lite_mkd", "lite_mkd_target", "lite_mkd_translate"])
 def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_dataset, tmp_path):
     """A short distillation (3 steps, the module and trainer built from the composed config as
     ``pipelines.train`` builds them): every teacher tensor (weights and BatchNorm statistics)
     equals its exported file bit for bit, no teacher parameter has a gradient or is in the
     optimiser or the checkpoint, every teacher module is in eval mode, and the student and the
     loss terms' heads did change. ``lite_mkd_target`` adds unlabelled target clips (one batch per
-    task) and the feature term on them."""
+    task) and the feature term on them, ``lite_mkd_translate`` the translation term (whose MLPs
+    train) on them; a fusion teacher's frozen parts, which the cache stores, are its encoders."""
     from mmfsar.data.modalities import build_modalities
 
     if recipe == "mm_cdfsl":
@@ -240,7 +241,7 @@ def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_
             f"model.init_from={pretrained.runs['rgb'] / 'encoder.pt'}",
             *LITE_TASKS,
             "model.episodes.episodes=3",
-            *(["distill=lite_mkd_target"] if recipe == "lite_mkd_target" else []),
+            *([f"distill={recipe}"] if recipe != "lite_mkd" else []),
         ]
     cfg = compose_distill(
         [
@@ -258,16 +259,19 @@ def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_
     datamodule.setup("fit")
     module = module_cls.build(cfg.model, datamodule)
     student = module.student if recipe == "mm_cdfsl" else module.encoder
-    trained_heads = module.terms if recipe == "mm_cdfsl" else module.classifier  # translation MLPs / h1, h2 + TRX
+    trained_heads = module.terms if recipe == "mm_cdfsl" else torch.nn.ModuleList([module.classifier, module.terms])
     student_before = copy.deepcopy(student.state_dict())
     heads_before = copy.deepcopy(trained_heads.state_dict())
     trainer = instantiate(cfg.trainer, callbacks=[], logger=False)
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 3
     if recipe != "mm_cdfsl":
-        assert ("feature" in module.terms) == (recipe == "lite_mkd_target") == ("target" in datamodule.train_sets)
+        target_terms = {"lite_mkd": set(), "lite_mkd_target": {"feature"}, "lite_mkd_translate": {"translation"}}[recipe]
+        assert target_terms == set(module.terms) - {"kd", "relation", "ce"}
+        assert bool(target_terms) == ("target" in datamodule.train_sets)
+        assert sorted(module.frozen_models()) == sorted(MODALITIES)
 
-    models = module.frozen_models()
+    models = module.frozen_models() if recipe == "mm_cdfsl" else module._teachers
     assert sorted(models) == sorted(teachers)
     optimised = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     for name, path in teachers.items():
@@ -284,7 +288,8 @@ def test_teachers_stay_frozen_while_the_student_learns(recipe, request, episode_
     if recipe != "mm_cdfsl":
         assert any("running_mean" in k for k in exported), "the fusion teacher should carry BatchNorm statistics"
     saved = {k.split(".")[0] for k in module.state_dict()}
-    assert saved == ({"student", "terms"} if recipe == "mm_cdfsl" else {"encoder", "classifier"})
+    expected = {"mm_cdfsl": {"student", "terms"}, "lite_mkd_translate": {"encoder", "classifier", "terms"}}
+    assert saved == expected.get(recipe, {"encoder", "classifier"})
     if recipe != "mm_cdfsl":
         teacher_head = module._teacher_heads["teacher"]
         exported_head = load_export(fusion)["classifier"]["state_dict"]
@@ -322,6 +327,53 @@ def test_target_clips_and_the_terms_that_use_them_come_together(lite_mkd_pretrai
         datamodule.setup("fit")
         with pytest.raises(ConfigError, match=message):
             module_cls.build(cfg.model, datamodule)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step outside a Trainer
+def test_clip_level_terms_see_the_target_clips_and_the_fusion_teachers_encoders(lite_mkd_pretrained, episode_dataset, tmp_path):
+    """``distill=lite_mkd_translate``: in a training step the translation term gets the target
+    clips only (the student encoder's rows after the task's), and as its teachers the fusion
+    teacher's per-modality encoders on those clips; its value is MM-CDFSL's loss on them."""
+    import torch.nn.functional as F
+
+    from mmfsar.data.modalities import build_modalities
+
+    cfg = compose_distill(
+        [
+            "experiment=lite_mkd_tiny/distill",
+            "distill=lite_mkd_translate",
+            f"model.teacher={lite_mkd_pretrained.fusion / 'encoder.pt'}",
+            f"model.init_from={lite_mkd_pretrained.runs['rgb'] / 'encoder.pt'}",
+            *LITE_TASKS,
+            *[o for o in tiny(episode_dataset, batches=3) if not o.startswith("callbacks.")],
+        ],
+        tmp_path,
+    )
+    module_cls = get_class(cfg.model._target_)
+    datamodule = instantiate(cfg.data, modalities=build_modalities(module_cls.modality_configs(cfg.model, cfg.modalities)))
+    datamodule.setup("fit")
+    module = module_cls.build(cfg.model, datamodule).eval()
+    loaders = datamodule.train_dataloader()
+    batch = {key: next(iter(loader)) for key, loader in loaders.items()}
+    n_task, n_target = batch["source"]["rgb"].shape[0], batch["target"]["rgb"].shape[0]
+    assert n_task == 3 * (2 + 2) and n_target > 1
+    term = module.terms["translation"]
+    seen = []
+    term.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        module.training_step(batch, 0)
+        (clip_batch, value), = seen
+        clips = batch["target"]
+        student = module.encoder({"rgb": clips["rgb"]}).pooled
+        teacher = module._teachers["teacher"]
+        expected = {m: teacher.encoders[m](clips).pooled for m in MODALITIES}
+        torch.testing.assert_close(clip_batch.student.pooled, student, rtol=1e-4, atol=1e-5)
+        assert sorted(clip_batch.teachers) == sorted(MODALITIES)
+        for m in MODALITIES:
+            torch.testing.assert_close(clip_batch.teachers[m].pooled, expected[m], rtol=1e-4, atol=1e-5)
+        assert (clip_batch.labels == -1).all() and clip_batch.labels.shape == (n_target,)
+        by_hand = sum(F.mse_loss(term.translators[m](student), expected[m]) for m in MODALITIES)
+    torch.testing.assert_close(value, by_hand, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # training_step outside a Trainer

@@ -11,6 +11,7 @@ training (:mod:`mmfsar.tasks.frozen_cache`), so a step costs about a plain step 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 
 from mmfsar.errors import ConfigError
 from mmfsar.data.episodes import split_task
-from mmfsar.losses.distill import DistillBatch, DistillSpec, EpisodeDistillBatch
+from mmfsar.losses.distill import DistillBatch, DistillSpec, DistillTerm, EpisodeDistillBatch
 from mmfsar.models.base import (
     EncoderOutput,
     build_encoder,
@@ -30,6 +31,7 @@ from mmfsar.models.base import (
     masking_grid,
     plain_config,
 )
+from mmfsar.models.fusion import FusionTeacher
 from mmfsar.tasks.common import Optimization, TrainingModule, frozen_module_outputs, modality_encoder_config
 from mmfsar.tasks.episodic import EpisodicModule
 
@@ -155,12 +157,18 @@ class EpisodicDistillModule(EpisodicModule):
     the teacher's query logits (KD), its support-prototype relations and the labels (episode
     terms, ``distill=lite_mkd``). Inference: ``z_kl + z_ce``; the export carries the head.
     With ``distill.unlabelled_target`` (``distill=lite_mkd_target``) each task comes with a batch
-    of unlabelled target-domain clips, encoded in the same pass, whose terms compare the
-    student's h1 features with the teacher's (a cross-domain addition; Lite-MKD has one domain).
+    of unlabelled target-domain clips, encoded in the same pass (a cross-domain addition; Lite-MKD
+    has one domain). Two kinds of terms use them: episode terms with ``uses_unlabelled_target``
+    (``episode_feature_mse``: the student's h1 features against the teacher's), and the clip-level
+    terms of ``DistillModule`` (a :class:`~mmfsar.losses.distill.DistillTerm`, e.g.
+    ``translation_mse``), which see the target clips as a :class:`DistillBatch`: the student
+    encoder's output and, as the teachers, the teacher's frozen parts (a fusion teacher's
+    per-modality encoders, MM-CDFSL's teachers; otherwise the teacher itself).
 
     The teacher and its head are held outside the module tree (no optimiser, checkpoint or DDP
-    wrapper sees them), in ``eval()`` under ``inference_mode``; with ``cache=frozen`` the teacher's
-    per-frame features are computed once per clip (and view), its head still runs on every task.
+    wrapper sees them), in ``eval()`` without gradients; with ``cache=frozen`` the outputs of the
+    teacher's frozen parts are computed once per clip (and view); a fusion teacher's fusion and
+    its head still run on every task.
     """
 
     def __init__(
@@ -203,8 +211,12 @@ class EpisodicDistillModule(EpisodicModule):
         student, student_cfg = _student(cfg, datamodule)
         head_cfg = {**plain_config(cfg.classifier), "out_dim": int(teacher.feature_dim)}
         classifier, classifier_cfg = classifier_for(head_cfg, student, datamodule.val_set[0])
-        terms = {name: instantiate(term) for name, term in (cfg.losses or {}).items() if term is not None}
-        wanting = sorted(name for name, term in terms.items() if getattr(term, "uses_unlabelled_target", False))
+        parts = _frozen_parts(teacher)
+        spec = DistillSpec(
+            student_dim=int(student.feature_dim), teacher_dims={n: int(m.feature_dim) for n, m in parts.items()}, num_classes=0
+        )
+        terms = {name: _episodic_term(term, spec) for name, term in (cfg.losses or {}).items() if term is not None}
+        wanting = sorted(name for name, term in terms.items() if _uses_target_clips(term))
         if bool(wanting) != ("target" in datamodule.train_sets):
             raise ConfigError(
                 f"model.losses {wanting} use unlabelled target clips: set distill.unlabelled_target=true"
@@ -225,7 +237,7 @@ class EpisodicDistillModule(EpisodicModule):
         )
 
     def frozen_models(self) -> dict[str, nn.Module]:
-        return self._teachers
+        return _frozen_parts(self._teachers["teacher"])
 
     def on_fit_start(self) -> None:
         self._teachers["teacher"].to(self.device)
@@ -239,28 +251,65 @@ class EpisodicDistillModule(EpisodicModule):
         n_task = self.task.n_way * (self.task.k_shot + self.task.n_query)
         support, query, target = split_task(features[:n_task], self.task)
         student = {k: v[0] for k, v in self.classifier.branches(support, query).items()}
-        teacher_frames = [self._teacher_features(key, part) for key, part in zip(("source", "target"), parts)]
-        t_support, t_query, _ = split_task(teacher_frames[0], self.task)
+        teacher = [self._teacher_outputs(key, part) for key, part in zip(("source", "target"), parts)]
+        t_support, t_query, _ = split_task(teacher[0][0], self.task)
         with torch.inference_mode():
             teacher_logits = self._teacher_heads["teacher"].eval()(t_support, t_query)[0]
-        unlabelled = {}
+        unlabelled, target_clips = {}, None
         if clips is not None:
-            unlabelled = {"unlabelled_student": self.classifier.teacher_space(features[n_task:]), "unlabelled_teacher": teacher_frames[1]}
+            t_frames, t_parts = teacher[1]
+            unlabelled = {"unlabelled_student": self.classifier.teacher_space(features[n_task:]), "unlabelled_teacher": t_frames}
+            labels = torch.full((t_frames.shape[0],), -1, dtype=torch.long, device=t_frames.device)
+            target_clips = DistillBatch(student=_rows(encoded, slice(n_task, None)), teachers=t_parts, labels=labels)
         db = EpisodeDistillBatch(
             student_logits=student, teacher_logits=teacher_logits.clone(), teacher_support=t_support[0], target=target, **unlabelled
         )
-        losses = {name: term(db) for name, term in self.terms.items()}
+        losses = {name: term(target_clips if isinstance(term, DistillTerm) else db) for name, term in self.terms.items()}
         loss = sum(term.weight * losses[name] for name, term in self.terms.items())
         self.log_training(loss, batch_size=1, terms=losses, accuracy=(student["kl"] + student["ce"], target))
         return loss
 
-    def _teacher_features(self, key: str, clips: dict[str, Any]) -> torch.Tensor:
-        """The frozen teacher's features of a batch of clips, as its head takes them: (B, T, D)."""
+    def _teacher_outputs(self, key: str, clips: dict[str, Any]) -> tuple[torch.Tensor, dict[str, EncoderOutput]]:
+        """The frozen teacher on a batch of clips: its features as its head takes them (B, T, D),
+        and the outputs of its frozen parts (:func:`_frozen_parts`)."""
+        teacher = self._teachers["teacher"]
         if self.frozen_cache is not None:
-            out = self.frozen_cache.lookup(key, clips, self.device)["teacher"]
+            outputs = self.frozen_cache.lookup(key, clips, self.device)
         else:
-            out = frozen_module_outputs(self._teachers, {m: clips[m] for m in self._teachers["teacher"].modalities})["teacher"]
-        return out.frames if self._teacher_heads["teacher"].uses_frames else out.pooled[:, None]
+            outputs = frozen_module_outputs(self.frozen_models(), {m: clips[m] for m in teacher.modalities})
+        if "teacher" in outputs:
+            out = outputs["teacher"]
+        else:
+            with torch.no_grad():
+                out = teacher.eval().fuse({name: o.frames for name, o in outputs.items()})
+        return (out.frames if self._teacher_heads["teacher"].uses_frames else out.pooled[:, None]), outputs
+
+
+def _frozen_parts(teacher: nn.Module) -> dict[str, nn.Module]:
+    """What of an episodic teacher the frozen-output cache stores and the clip-level terms see as
+    teachers: a fusion teacher's frozen per-modality encoders (its fusion runs per task), or the
+    teacher itself."""
+    if isinstance(teacher, FusionTeacher) and teacher.freeze_encoders:
+        return dict(teacher.encoders)
+    return {"teacher": teacher}
+
+
+def _episodic_term(config: Any, spec: DistillSpec) -> nn.Module:
+    """An episodic distillation term from its config; a ``_partial_`` one (a clip-level
+    :class:`DistillTerm`, which sizes its heads from the features) is given ``spec``."""
+    term = instantiate(config)
+    return term(spec=spec) if isinstance(term, functools.partial) else term
+
+
+def _uses_target_clips(term: nn.Module) -> bool:
+    """Clip-level terms see the unlabelled target clips; episode terms say whether they need them."""
+    return isinstance(term, DistillTerm) or bool(getattr(term, "uses_unlabelled_target", False))
+
+
+def _rows(out: EncoderOutput, rows: slice) -> EncoderOutput:
+    """Some clips' rows of an encoder output."""
+    pick = lambda t: None if t is None else t[rows]  # noqa: E731
+    return EncoderOutput(pooled=out.pooled[rows], frames=pick(out.frames), logits=pick(out.logits))
 
 
 def _student(cfg: DictConfig, datamodule: Any) -> tuple[nn.Module, dict[str, Any]]:
