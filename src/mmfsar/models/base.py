@@ -9,7 +9,7 @@ distillation module and the next stage load is a clip encoder exported by :func:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -41,6 +41,10 @@ class EncoderOutput:
 
     def with_logits(self, logits: torch.Tensor | None) -> "EncoderOutput":
         return replace(self, logits=logits)
+
+    def rows(self, index: slice | torch.Tensor) -> "EncoderOutput":
+        """Some clips' outputs: every field indexed along the batch."""
+        return EncoderOutput(**{f.name: None if (v := getattr(self, f.name)) is None else v[index] for f in fields(self)})
 
 
 class UnmaskedBackbone(nn.Module):

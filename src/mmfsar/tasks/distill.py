@@ -260,7 +260,7 @@ class EpisodicDistillModule(EpisodicModule):
             t_frames, t_parts = teacher[1]
             unlabelled = {"unlabelled_student": self.classifier.teacher_space(features[n_task:]), "unlabelled_teacher": t_frames}
             labels = torch.full((t_frames.shape[0],), -1, dtype=torch.long, device=t_frames.device)
-            target_clips = DistillBatch(student=_rows(encoded, slice(n_task, None)), teachers=t_parts, labels=labels)
+            target_clips = DistillBatch(student=encoded.rows(slice(n_task, None)), teachers=t_parts, labels=labels)
         db = EpisodeDistillBatch(
             student_logits=student, teacher_logits=teacher_logits.clone(), teacher_support=t_support[0], target=target, **unlabelled
         )
@@ -304,12 +304,6 @@ def _episodic_term(config: Any, spec: DistillSpec) -> nn.Module:
 def _uses_target_clips(term: nn.Module) -> bool:
     """Clip-level terms see the unlabelled target clips; episode terms say whether they need them."""
     return isinstance(term, DistillTerm) or bool(getattr(term, "uses_unlabelled_target", False))
-
-
-def _rows(out: EncoderOutput, rows: slice) -> EncoderOutput:
-    """Some clips' rows of an encoder output."""
-    pick = lambda t: None if t is None else t[rows]  # noqa: E731
-    return EncoderOutput(pooled=out.pooled[rows], frames=pick(out.frames), logits=pick(out.logits))
 
 
 def _student(cfg: DictConfig, datamodule: Any) -> tuple[nn.Module, dict[str, Any]]:
